@@ -1,0 +1,85 @@
+"""Internal tunables, in one place, each with an environment override.
+
+Every knob is read when it is used (not at import), so tests and users can
+change the environment or use :func:`override` at any time.
+
+>>> from torchaux import _knobs
+>>> with _knobs.override(max_pending_saves=2):
+...     _knobs.max_pending_saves()
+2
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+_DEFAULTS: dict[str, int] = {
+    # Saves whose staging buffers a saver may hold at once.  One keeps peak host
+    # memory at one extra copy of the state (issue #2, "bounded memory"); a new
+    # save waits for the previous one to finish writing.
+    "max_pending_saves": 1,
+    # 1: fsync the file and its directory before a save counts as committed.
+    # 0 loses durability on power failure (the file can be empty after a crash),
+    # never atomicity.
+    "fsync": 1,
+    # 1: use pinned (page-locked) host buffers when staging accelerator tensors,
+    # so the device-to-host copies are asynchronous DMA transfers.
+    "pin_memory": 1,
+    # Size of the write buffer between the zip writer and the temp file.  Large
+    # records bypass it; it only batches the small header records.
+    "write_buffer_bytes": 1 << 20,
+}
+
+_overrides: dict[str, int] = {}
+
+
+def _get(name: str) -> int:
+    if name in _overrides:
+        return _overrides[name]
+    env = os.environ.get("TORCHAUX_" + name.upper())
+    if env is None or env == "":
+        return _DEFAULTS[name]
+    try:
+        return int(env)
+    except ValueError:
+        raise ValueError(
+            f"environment variable TORCHAUX_{name.upper()} must be an integer, "
+            f"found {env!r}; unset it or set e.g. {_DEFAULTS[name]}"
+        ) from None
+
+
+def max_pending_saves() -> int:
+    """Saves a saver may hold staging buffers for (``TORCHAUX_MAX_PENDING_SAVES``)."""
+    return max(1, _get("max_pending_saves"))
+
+
+def fsync_enabled() -> bool:
+    """Whether commits fsync file and directory (``TORCHAUX_FSYNC``)."""
+    return _get("fsync") != 0
+
+
+def pin_memory_enabled() -> bool:
+    """Whether staging uses pinned host memory for device tensors (``TORCHAUX_PIN_MEMORY``)."""
+    return _get("pin_memory") != 0
+
+
+def write_buffer_bytes() -> int:
+    """Bytes of buffering between the serializer and the file (``TORCHAUX_WRITE_BUFFER_BYTES``)."""
+    return max(0, _get("write_buffer_bytes"))
+
+
+@contextlib.contextmanager
+def override(**values: int) -> Iterator[None]:
+    """Temporarily set knobs (tests and benchmarks); restores them on exit."""
+    unknown = set(values) - set(_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown knob(s) {sorted(unknown)}; known: {sorted(_DEFAULTS)}")
+    saved = dict(_overrides)
+    _overrides.update(values)
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)
