@@ -10,7 +10,6 @@ import torch
 from torch.serialization import DEFAULT_PROTOCOL
 
 from torchaux.checkpoint import fence, staging
-from torchaux.checkpoint.atomic import atomic_write
 from torchaux.checkpoint.formats.torch_save import write_torch_save
 from torchaux.checkpoint.saver import AsyncSaver, SaveHandle, default_saver
 
@@ -170,7 +169,7 @@ def save_async(
         if path is None:
             write_torch_save(snap, f, disable_byteorder_record=_disable_byteorder_record)  # type: ignore[arg-type]
             return None
-        with atomic_write(path) as out:
+        with saver.sink(path) as out:
             write_torch_save(snap, out, disable_byteorder_record=_disable_byteorder_record)
         return path
 

@@ -19,11 +19,14 @@ import logging
 import queue
 import threading
 import weakref
+import contextlib
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from torchaux import _knobs
+from torchaux.checkpoint.atomic import atomic_write
 from torchaux.checkpoint.staging import HostBufferPool, Snapshot
 from torchaux.errors import SaveClosedError
 
@@ -82,6 +85,11 @@ class _Job:
     handle: SaveHandle
 
 
+#: Opens the destination of a path save; yields a binary file and commits on
+#: clean exit.  The default is :func:`torchaux.checkpoint.atomic.atomic_write`;
+#: tests inject failing or gated sinks here.
+Sink = Callable[[str], contextlib.AbstractContextManager[BinaryIO]]
+
 _savers: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
 
 
@@ -91,14 +99,23 @@ class AsyncSaver:
     Args:
         max_pending: saves that may hold staging buffers at once (default:
             the ``TORCHAUX_MAX_PENDING_SAVES`` knob, 1).
+        sink: opens a path for writing and commits it (default: atomic
+            temp-file + fsync + rename).
         name: name of the writer thread.
     """
 
-    def __init__(self, *, max_pending: int | None = None, name: str = "torchaux-writer") -> None:
+    def __init__(
+        self,
+        *,
+        max_pending: int | None = None,
+        sink: Sink = atomic_write,
+        name: str = "torchaux-writer",
+    ) -> None:
         limit = _knobs.max_pending_saves() if max_pending is None else max_pending
         if not isinstance(limit, int) or limit < 1:
             raise ValueError(f"max_pending must be an int >= 1, found {limit!r}")
         self.pool = HostBufferPool()
+        self.sink = sink
         self._slots = threading.BoundedSemaphore(limit)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()

@@ -25,6 +25,7 @@ which forward mutates) are copied first so the forward fence is short.
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -35,7 +36,23 @@ from torch.serialization import location_tag, normalize_storage_type
 
 from torchaux import _knobs
 
-__all__ = ["HostBufferPool", "Snapshot", "stage"]
+__all__ = ["HostBufferPool", "Snapshot", "stage", "fence_blocked_seconds"]
+
+# Seconds training threads spent blocked in fences, process-wide (diagnostics
+# and `torchaux bench`); float += under the GIL is enough for a statistic.
+_fence_blocked = [0.0]
+
+
+def fence_blocked_seconds() -> float:
+    """Total seconds any thread has waited in a ``model=`` fence so far."""
+    return _fence_blocked[0]
+
+
+def _wait(event: threading.Event) -> None:
+    if not event.is_set():
+        start = time.perf_counter()
+        event.wait()
+        _fence_blocked[0] += time.perf_counter() - start
 
 
 class HostBufferPool:
@@ -161,13 +178,13 @@ class Snapshot:
 
     def fence_forward(self) -> None:
         """Order the next forward after the copies of model buffers."""
-        self._buffers_ready.wait()
+        _wait(self._buffers_ready)
         for dev in self._devices:
             _device_module(dev.device).current_stream(dev.device).wait_event(dev.buffers_done)
 
     def fence_all(self) -> None:
         """Order everything after this point after every copy of the snapshot."""
-        self._all_ready.wait()
+        _wait(self._all_ready)
         for dev in self._devices:
             _device_module(dev.device).current_stream(dev.device).wait_event(dev.all_done)
 

@@ -1,0 +1,5 @@
+"""Command line interface (``torchaux bench``)."""
+
+from torchaux.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,275 @@
+"""`torchaux bench`: checkpoint a small training run with every method, side by side.
+
+One process trains the same deterministic model once per method (same seed,
+same synthetic batches), saving every ``every`` steps.  Per method it reports:
+
+* stall per save: time the training thread is blocked (inside the save call,
+  waiting for back-pressure, or in ``model=`` fences); first save separately,
+  steady state as the median of the others;
+* loop overhead per save: extra wall time of the whole loop against a loop
+  without saves measured in the same run (includes CPU contention from
+  background writers);
+* time until durable: from the save call until the bytes are fsynced;
+* peak extra RSS over the loop;
+* consistency: every file equals the state at its step, checked against
+  fingerprints from a reference pass without saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchaux.checkpoint.staging import fence_blocked_seconds
+from torchaux.cli.bench_methods import METHODS, Method
+
+__all__ = ["BenchConfig", "run_bench"]
+
+_MIB = 1 << 20
+# Adam keeps two moments per parameter (torch.optim.Adam), so the saved state
+# is three fp32 copies of the parameters: 12 bytes per parameter.
+_STATE_BYTES_PER_PARAM = 12
+_LAYERS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """What `torchaux bench` runs (all fields are CLI options)."""
+
+    size_mib: int = 256
+    steps: int = 24
+    every: int = 6
+    batch: int = 32
+    directory: str | None = None
+    device: str = "auto"
+    methods: tuple[str, ...] = tuple(METHODS)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size_mib < 1:
+            raise ValueError(f"--size-mib must be >= 1, got {self.size_mib}")
+        if self.every < 1 or self.steps < self.every:
+            raise ValueError(
+                f"need 1 <= --every <= --steps, got every={self.every} steps={self.steps}"
+            )
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but torch.cuda.is_available() is False")
+    return device
+
+
+def _build(cfg: BenchConfig, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    width = max(8, int((cfg.size_mib * _MIB / _STATE_BYTES_PER_PARAM / _LAYERS) ** 0.5))
+    torch.manual_seed(cfg.seed)
+    layers: list[torch.nn.Module] = []
+    for i in range(_LAYERS):
+        layers.append(torch.nn.Linear(width, width))
+        if i < _LAYERS - 1:
+            layers.append(torch.nn.ReLU())
+    model = torch.nn.Sequential(*layers).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    return model, optimizer
+
+
+def _batch(cfg: BenchConfig, step: int, width: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
+    return torch.randn(cfg.batch, width, generator=gen).to(device)
+
+
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {"model": model.state_dict(), "optim": optimizer.state_dict()}
+
+
+def _fingerprint(state: dict[str, Any]) -> list[tuple[str, int]]:
+    """CRC-32 of every tensor's bytes, in a fixed order (for equality checks only)."""
+    out: list[tuple[str, int]] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            data = value.detach().cpu().contiguous().view(-1).view(torch.uint8)
+            out.append((prefix, zlib.crc32(data.numpy().data) if data.numel() else 0))
+        elif isinstance(value, dict):
+            for k in sorted(value, key=str):
+                walk(f"{prefix}.{k}", value[k])
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+
+    walk("", state)
+    return out
+
+
+class _RssSampler:
+    """Peak resident set size during a block, sampled every millisecond or so."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self) -> _RssSampler:
+        self.base = self.rss()
+        self.peak = self.base
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def _train(
+    cfg: BenchConfig,
+    device: torch.device,
+    on_save: Callable[[int, dict[str, Any], torch.nn.Module], None] | None,
+) -> float:
+    """Run the training loop; call ``on_save`` at save steps; return loop seconds."""
+    model, optimizer = _build(cfg, device)
+    width = model[0].in_features
+    loss_fn = torch.nn.MSELoss()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        x = _batch(cfg, step, width, device)
+        loss = loss_fn(model(x), x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if on_save is not None and (step + 1) % cfg.every == 0:
+            on_save(step, _state(model, optimizer), model)
+    sync()
+    return time.perf_counter() - start
+
+
+def _run_method(cfg: BenchConfig, device: torch.device, name: str, root: str,
+                reference: dict[int, list[tuple[str, int]]], baseline_s: float) -> dict[str, Any]:
+    directory = os.path.join(root, name.replace(" ", "_").replace("(", "").replace(")", ""))
+    os.makedirs(directory, exist_ok=True)
+    method: Method = METHODS[name](directory)
+    stalls: list[float] = []
+
+    def on_save(step: int, state: dict[str, Any], model: torch.nn.Module) -> None:
+        start = time.perf_counter()
+        method.save(step, state, model)
+        stalls.append(time.perf_counter() - start)
+        method.after_save()
+
+    fences_before = fence_blocked_seconds()
+    with _RssSampler() as rss:
+        loop_s = _train(cfg, device, on_save)
+        method.finish()
+    fence_s = fence_blocked_seconds() - fences_before
+    method.close()
+    saves = len(stalls)
+    # Fence waits happen inside the following training steps; spread them evenly.
+    stalls = [s + fence_s / saves for s in stalls]
+    consistent = [
+        _fingerprint(method.load(step, lambda: _template(cfg))) == reference[step]
+        for step in sorted(method.paths)
+    ]
+    durable = [method.durable_s[s] for s in sorted(method.durable_s)]
+    return {
+        "method": name,
+        "saves": saves,
+        "stall_first_s": stalls[0],
+        "stall_steady_s": statistics.median(stalls[1:]) if saves > 1 else stalls[0],
+        "stall_mean_s": statistics.fmean(stalls),
+        "fence_wait_s": fence_s,
+        "loop_overhead_per_save_s": (loop_s - baseline_s) / saves,
+        "durable_steady_s": statistics.median(durable[1:]) if len(durable) > 1 else durable[0],
+        "durable_mean_s": statistics.fmean(durable),
+        "peak_extra_rss_mib": (rss.peak - rss.base) / _MIB,
+        "consistent_files": sum(consistent),
+        "all_consistent": all(consistent),
+    }
+
+
+def _template(cfg: BenchConfig) -> dict[str, Any]:
+    """A CPU state with the right structure (DCP loads in place into one)."""
+    model, optimizer = _build(cfg, torch.device("cpu"))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # creates the Adam moments DCP will overwrite
+    return _state(model, optimizer)
+
+
+def _reference(cfg: BenchConfig, device: torch.device) -> dict[int, list[tuple[str, int]]]:
+    prints: dict[int, list[tuple[str, int]]] = {}
+
+    def on_save(step: int, state: dict[str, Any], model: torch.nn.Module) -> None:
+        prints[step] = _fingerprint(state)
+
+    _train(cfg, device, on_save)
+    return prints
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Run every configured method; return machine-readable results.
+
+    Example:
+        >>> cfg = BenchConfig(size_mib=1, steps=4, every=2, directory=doctest_tmp,
+        ...                   methods=("torch.save", "torchaux.save_async"))
+        >>> res = run_bench(cfg)
+        >>> [r["all_consistent"] for r in res["methods"]]
+        [True, True]
+    """
+    device = _resolve_device(cfg.device)
+    root = tempfile.mkdtemp(prefix="torchaux-bench-", dir=cfg.directory)
+    try:
+        model, _ = _build(cfg, device)
+        state_bytes = sum(t.nbytes for t in model.parameters()) * 3
+        del model
+        log(f"state {state_bytes / _MIB:.0f} MiB on {device}, {cfg.steps} steps, "
+            f"save every {cfg.every}; reference pass")
+        reference = _reference(cfg, device)
+        baseline_s = min(_train(cfg, device, None) for _ in range(2))
+        log(f"baseline loop {baseline_s:.2f} s")
+        results = []
+        for name in cfg.methods:
+            log(f"running {name}")
+            results.append(_run_method(cfg, device, name, root, reference, baseline_s))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    base = next((r for r in results if r["method"] == "torch.save"), None)
+    for r in results:
+        if base is not None:
+            r["stall_vs_torch_save"] = r["stall_steady_s"] / base["stall_steady_s"]
+            r["durable_vs_torch_save_fsync"] = r["durable_steady_s"] / base["durable_steady_s"]
+    return {
+        "config": dataclasses.asdict(cfg),
+        "device": str(device),
+        "state_mib": state_bytes / _MIB,
+        "baseline_loop_s": baseline_s,
+        "torch_version": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "methods": results,
+    }
