@@ -10,7 +10,7 @@ import torch
 from torch.serialization import DEFAULT_PROTOCOL
 
 from torchaux.checkpoint import fence, staging
-from torchaux.checkpoint.formats.torch_save import write_torch_save
+from torchaux.checkpoint.formats.torch_save import archive_name_for, write_torch_save
 from torchaux.checkpoint.saver import AsyncSaver, SaveHandle, default_saver
 
 __all__ = ["save_async"]
@@ -170,7 +170,10 @@ def save_async(
             write_torch_save(snap, f, disable_byteorder_record=_disable_byteorder_record)  # type: ignore[arg-type]
             return None
         with saver.sink(path) as out:
-            write_torch_save(snap, out, disable_byteorder_record=_disable_byteorder_record)
+            write_torch_save(
+                snap, out, archive_name=archive_name_for(path),
+                disable_byteorder_record=_disable_byteorder_record,
+            )
         return path
 
     if model is not None:

@@ -17,6 +17,7 @@ same synthetic batches), saving every ``every`` steps.  Per method it reports:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import shutil
@@ -105,7 +106,10 @@ def _fingerprint(state: dict[str, Any]) -> list[tuple[str, int]]:
     def walk(prefix: str, value: Any) -> None:
         if isinstance(value, torch.Tensor):
             data = value.detach().cpu().contiguous().view(-1).view(torch.uint8)
-            out.append((prefix, zlib.crc32(data.numpy().data) if data.numel() else 0))
+            # A zero-copy byte view of the CPU tensor (no numpy dependency);
+            # `data` stays referenced while the view is read.
+            view = (ctypes.c_char * data.numel()).from_address(data.data_ptr())
+            out.append((prefix, zlib.crc32(memoryview(view)) if data.numel() else 0))
         elif isinstance(value, dict):
             for k in sorted(value, key=str):
                 walk(f"{prefix}.{k}", value[k])

@@ -1,28 +1,33 @@
-"""Writer of the ``torch.save`` zip format from a staged :class:`Snapshot`.
+"""Writer of the ``torch.save`` format from a staged :class:`Snapshot`.
 
-The records and their order are those of torch/serialization.py ``_save``
-(torch 2.13): ``data.pkl``, ``.format_version`` (``"1"``: storages numbered by
-first appearance), ``.storage_alignment``, ``byteorder`` (unless disabled),
-then ``data/<key>`` for every storage.  torch's own zip writer adds
-``version`` and ``.data/serialization_id``.  Output therefore loads with plain
-``torch.load`` (``weights_only=True`` where the object allows it) and is
-byte-identical to ``torch.save``'s apart from the random serialization id.
+The records and their order are those of torch/serialization.py ``_save`` and
+``PyTorchStreamWriter::writeEndOfFile`` (torch 2.13): ``data.pkl``,
+``.format_version`` (``"1"``: storages numbered by first appearance),
+``.storage_alignment``, ``byteorder`` (unless disabled), ``data/<key>`` for
+every storage, ``version`` and ``.data/serialization_id``.  The output loads
+with plain ``torch.load`` (``weights_only=True`` where the object allows it,
+``mmap=True`` too) and is byte-identical to ``torch.save``'s apart from the
+serialization id (see :mod:`torchaux.checkpoint.formats.torch_zip`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import IO
 
 import torch
 from torch.serialization import get_crc32_options
 
+from torchaux.checkpoint.formats.torch_zip import TorchZipWriter, storage_view
 from torchaux.checkpoint.staging import Snapshot
 
-__all__ = ["write_torch_save", "FORMAT_VERSION"]
+__all__ = ["write_torch_save", "archive_name_for", "FORMAT_VERSION", "FILE_FORMAT_VERSION"]
 
 #: ``.format_version`` that torch.save 2.13 writes (storage keys numbered in order).
 FORMAT_VERSION = "1"
+#: ``version`` record of torch 2.13 (caffe2/serialize/versions.h, kMinProducedFileFormatVersion).
+FILE_FORMAT_VERSION = "3\n"
 
 
 def _storage_alignment() -> int:
@@ -31,26 +36,49 @@ def _storage_alignment() -> int:
     return int(getter()) if getter is not None else 64
 
 
+def archive_name_for(path: str | None) -> str:
+    """Top-level folder name torch.save uses inside the zip for ``path``.
+
+    torch takes the file name without directories and without its last
+    extension; file objects get ``"archive"``.
+
+    >>> archive_name_for("/ckpt/model.step10.pt"), archive_name_for(None)
+    ('model.step10', 'archive')
+    """
+    if path is None:
+        return "archive"
+    name = os.path.basename(path)
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    return stem or "archive"
+
+
 def write_torch_save(
-    snapshot: Snapshot, fileobj: IO[bytes], *, disable_byteorder_record: bool = False
+    snapshot: Snapshot,
+    fileobj: IO[bytes],
+    *,
+    archive_name: str = "archive",
+    disable_byteorder_record: bool = False,
 ) -> None:
     """Write ``snapshot`` to ``fileobj`` in torch.save format (writer thread).
 
     Args:
         snapshot: a staged snapshot whose ``finish_staging`` has returned.
-        fileobj: binary file object open for writing.
+        fileobj: binary file object open for writing, at position 0.
+        archive_name: folder inside the zip (see :func:`archive_name_for`).
         disable_byteorder_record: omit the ``byteorder`` record, as torch.save's
             ``_disable_byteorder_record`` does.
     """
     alignment = _storage_alignment()
-    writer = torch._C.PyTorchFileWriter(fileobj, get_crc32_options(), alignment)
-    writer.write_record("data.pkl", snapshot.pickled, len(snapshot.pickled))
-    writer.write_record(".format_version", FORMAT_VERSION, len(FORMAT_VERSION))
-    align = str(alignment)
-    writer.write_record(".storage_alignment", align, len(align))
+    writer = TorchZipWriter(
+        fileobj, archive_name=archive_name, alignment=alignment, compute_crc=get_crc32_options()
+    )
+    writer.write_record("data.pkl", snapshot.pickled)
+    writer.write_record(".format_version", FORMAT_VERSION.encode())
+    writer.write_record(".storage_alignment", str(alignment).encode())
     if not disable_byteorder_record:
-        writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        writer.write_record("byteorder", sys.byteorder.encode())
     for key, storage in snapshot.records():
-        writer.write_record(f"data/{key}", storage, storage.nbytes())
-    writer.write_end_of_file()
-    fileobj.flush()
+        writer.write_record(f"data/{key}", storage_view(storage))
+    writer.write_record("version", FILE_FORMAT_VERSION.encode())
+    writer.write_record(".data/serialization_id", writer.serialization_id().encode())
+    writer.finish()

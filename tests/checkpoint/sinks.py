@@ -1,0 +1,154 @@
+"""Fault-injection sinks for :class:`torchaux.AsyncSaver` (the ``sink=`` seam).
+
+A sink is ``sink(path)`` -> context manager yielding a binary file that is
+committed on clean exit.  These wrap the real
+:func:`torchaux.checkpoint.atomic.atomic_write` so everything except the
+injected fault is the production code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import threading
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+
+import torch
+
+from torchaux.checkpoint.atomic import atomic_write
+
+#: Upper bound for any wait in a test helper; a hang becomes a clear failure.
+WAIT_S = 60.0
+
+
+def finalize_abandoned_writers(exc: BaseException) -> None:
+    """Finalize any ``torch._C.PyTorchFileWriter`` left unfinished by ``exc``.
+
+    Works around a torchaux bug (see test_saver.py::
+    test_failed_write_does_not_abort_the_process): ``write_torch_save`` does
+    not finalize its ``PyTorchFileWriter`` when a write raises, so the
+    writer's C++ destructor later calls ``writeEndOfFile`` on the broken file,
+    which throws inside a destructor and ``std::terminate``s the whole test
+    process once the exception's traceback is garbage collected.  Calling
+    ``write_end_of_file`` once here marks the writer finalized (torch sets
+    the flag even when that call fails), so the destructor does nothing.
+    """
+    tb = exc.__traceback__
+    while tb is not None:
+        writer = tb.tb_frame.f_locals.get("writer")
+        if isinstance(writer, torch._C.PyTorchFileWriter):
+            with contextlib.suppress(Exception):
+                writer.write_end_of_file()
+        tb = tb.tb_next
+
+
+class _FailingFile:
+    """Passes writes through until ``limit`` bytes, then raises (and keeps raising)."""
+
+    def __init__(self, inner: BinaryIO, owner: FailingSink) -> None:
+        self._inner = inner
+        self._owner = owner
+        self.written = 0
+        self.failed = False
+
+    def write(self, data: object) -> int:
+        view = memoryview(data).cast("B")  # type: ignore[arg-type]
+        room = self._owner.fail_after - self.written
+        if self.failed or len(view) > room:
+            if not self.failed and room > 0:
+                # A partial write first, like a disk that fills up mid-record.
+                self._inner.write(view[:room])
+                self.written += room
+            self.failed = True
+            exc = self._owner.make_error()
+            self._owner.raised.append(exc)
+            raise exc
+        self._inner.write(view)
+        self.written += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        self._inner.flush()
+
+
+class FailingSink:
+    """Sink whose first ``failures`` saves fail with an ``OSError`` after ``fail_after`` bytes.
+
+    Later saves go through ``atomic_write`` untouched.  ``raised`` holds every
+    exception object the sink raised, so tests can check identity.
+    """
+
+    def __init__(
+        self,
+        fail_after: int = 100,
+        *,
+        failures: int = 1,
+        make_error: Callable[[], BaseException] | None = None,
+    ) -> None:
+        self.fail_after = fail_after
+        self.failures = failures
+        self.make_error = make_error or (
+            lambda: OSError(errno.ENOSPC, "No space left on device (injected by FailingSink)")
+        )
+        self.raised: list[BaseException] = []
+        self.opened = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def __call__(self, path: str) -> Iterator[BinaryIO]:
+        with self._lock:
+            self.opened += 1
+            fail = self.opened <= self.failures
+        with atomic_write(path) as f:
+            if not fail:
+                yield f
+                return
+            try:
+                yield _FailingFile(f, self)  # type: ignore[misc]
+            except BaseException as exc:
+                finalize_abandoned_writers(exc)
+                raise
+
+
+class GatedSink:
+    """Sink that blocks every save inside the sink until :meth:`release`.
+
+    ``entered`` is set when a save reaches the sink (the writer thread is then
+    busy with it); ``opened`` lists the paths in the order they were opened;
+    ``committed`` lists them in the order their commit finished.
+    """
+
+    def __init__(self, inner: Callable[[str], contextlib.AbstractContextManager[BinaryIO]] = atomic_write) -> None:
+        self.inner = inner
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.opened: list[str] = []
+        self.committed: list[str] = []
+
+    def release(self) -> None:
+        """Open the gate for this and every later save."""
+        self.gate.set()
+
+    @contextlib.contextmanager
+    def __call__(self, path: str) -> Iterator[BinaryIO]:
+        self.opened.append(path)
+        self.entered.set()
+        if not self.gate.wait(WAIT_S):
+            raise TimeoutError("GatedSink: the test never released the gate")
+        with self.inner(path) as f:
+            yield f
+        self.committed.append(path)
+
+
+class RecordingSink:
+    """Sink that runs ``after_commit(path)`` once each commit is complete (on the writer thread)."""
+
+    def __init__(self, after_commit: Callable[[str], None]) -> None:
+        self.after_commit = after_commit
+
+    @contextlib.contextmanager
+    def __call__(self, path: str) -> Iterator[BinaryIO]:
+        with atomic_write(path) as f:
+            yield f
+        self.after_commit(path)
