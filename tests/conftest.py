@@ -7,6 +7,9 @@ from typing import Any
 
 import pytest
 
+# Helper modules of tests/checkpoint get pytest's assertion messages too.
+pytest.register_assert_rewrite("compare", "sinks")
+
 from torchaux import AsyncSaver
 from torchaux.checkpoint import fence
 

@@ -14,33 +14,10 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-import torch
-
 from torchaux.checkpoint.atomic import atomic_write
 
 #: Upper bound for any wait in a test helper; a hang becomes a clear failure.
 WAIT_S = 60.0
-
-
-def finalize_abandoned_writers(exc: BaseException) -> None:
-    """Finalize any ``torch._C.PyTorchFileWriter`` left unfinished by ``exc``.
-
-    Works around a torchaux bug (see test_saver.py::
-    test_failed_write_does_not_abort_the_process): ``write_torch_save`` does
-    not finalize its ``PyTorchFileWriter`` when a write raises, so the
-    writer's C++ destructor later calls ``writeEndOfFile`` on the broken file,
-    which throws inside a destructor and ``std::terminate``s the whole test
-    process once the exception's traceback is garbage collected.  Calling
-    ``write_end_of_file`` once here marks the writer finalized (torch sets
-    the flag even when that call fails), so the destructor does nothing.
-    """
-    tb = exc.__traceback__
-    while tb is not None:
-        writer = tb.tb_frame.f_locals.get("writer")
-        if isinstance(writer, torch._C.PyTorchFileWriter):
-            with contextlib.suppress(Exception):
-                writer.write_end_of_file()
-        tb = tb.tb_next
 
 
 class _FailingFile:
@@ -104,11 +81,7 @@ class FailingSink:
             if not fail:
                 yield f
                 return
-            try:
-                yield _FailingFile(f, self)  # type: ignore[misc]
-            except BaseException as exc:
-                finalize_abandoned_writers(exc)
-                raise
+            yield _FailingFile(f, self)  # type: ignore[misc]
 
 
 class GatedSink:

@@ -25,7 +25,9 @@ How it works, and how it differs from torch_npu (facts from Ascend/pytorch
   at the same offset.  Inputs that share one storage share one span (upstream
   counts it twice).  With ``require_copy_value=True`` every byte of the old
   storage is copied (upstream copies only the viewed elements and zero-fills
-  the rest).
+  the rest).  :func:`get_storage_size` keeps reporting each input's own span
+  after combining (as torch_npu does), so offsets computed after the call
+  still add up.
 * Any dtype is accepted (upstream: fp16/fp32/bf16 only), and the buffer is
   allocated on the inputs' device, type *and* index (upstream allocates on the
   current device).
