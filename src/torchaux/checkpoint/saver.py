@@ -23,12 +23,19 @@ import contextlib
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from torchaux import _knobs
 from torchaux.checkpoint.atomic import atomic_write
 from torchaux.checkpoint.staging import HostBufferPool, Snapshot
 from torchaux.errors import SaveClosedError
+from torchaux.training.affinity import (
+    CoreRange,
+    _parse,
+    cores_excluding,
+    get_thread_affinity,
+    set_thread_affinity,
+)
 
 __all__ = ["AsyncSaver", "SaveHandle", "wait_saves", "default_saver"]
 
@@ -102,6 +109,19 @@ class AsyncSaver:
         sink: opens a path for writing and commits it (default: atomic
             temp-file + fsync + rename).
         name: name of the writer thread.
+        writer_cores: pin the writer thread to these cores (torch_npu's
+            ``core_range`` forms, e.g. ``[2, 3]``), or ``"spare"`` for every core
+            the constructing (training) thread is *not* bound to - useful once
+            the trainer itself is pinned, so serialisation never steals its
+            cores.  ``None`` (default) leaves the writer unpinned.
+
+    Example:
+        >>> import os, torch, torchaux
+        >>> saver = AsyncSaver(max_pending=2)
+        >>> h = torchaux.save_async(torch.zeros(3), os.path.join(doctest_tmp, "z.pt"), saver=saver)
+        >>> saver.close()
+        >>> h.done()
+        True
     """
 
     def __init__(
@@ -110,6 +130,7 @@ class AsyncSaver:
         max_pending: int | None = None,
         sink: Sink = atomic_write,
         name: str = "torchaux-writer",
+        writer_cores: CoreRange | Literal["spare"] | None = None,
     ) -> None:
         limit = _knobs.max_pending_saves() if max_pending is None else max_pending
         if not isinstance(limit, int) or limit < 1:
@@ -123,6 +144,15 @@ class AsyncSaver:
         self._unobserved: list[SaveHandle] = []
         self._closed = False
         self._name = name
+        if writer_cores == "spare":
+            spare = cores_excluding(get_thread_affinity())
+            # No spare core (the trainer may use all of them): stay unpinned.
+            writer_cores = spare or None
+        elif isinstance(writer_cores, str):
+            raise ValueError(f"writer_cores must be a core range, 'spare' or None, got {writer_cores!r}")
+        elif writer_cores is not None:
+            _parse(writer_cores)  # ValueError now, not later on the writer thread
+        self._writer_cores = writer_cores
         self._thread: threading.Thread | None = None
         _savers.add(self)
 
@@ -192,6 +222,13 @@ class AsyncSaver:
     # -- writer thread ----------------------------------------------------------
 
     def _run(self) -> None:
+        if self._writer_cores is not None:
+            try:
+                set_thread_affinity(self._writer_cores)
+            except (ValueError, OSError) as exc:
+                # Pinning is an optimisation: an unpinned writer still saves
+                # correctly, so report the problem and keep serving saves.
+                _log.warning("torchaux: could not pin the writer thread (%s); running unpinned", exc)
         while True:
             job = self._queue.get()
             if job is None:

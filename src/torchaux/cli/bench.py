@@ -175,7 +175,7 @@ def _train(
 
 
 def _run_method(cfg: BenchConfig, device: torch.device, name: str, root: str,
-                reference: dict[int, list[tuple[str, int]]], baseline_s: float) -> dict[str, Any]:
+                reference: dict[int, list[tuple[str, int]]], baseline: _Baseline) -> dict[str, Any]:
     directory = os.path.join(root, name.replace(" ", "_").replace("(", "").replace(")", ""))
     os.makedirs(directory, exist_ok=True)
     method: Method = METHODS[name](directory)
@@ -208,13 +208,31 @@ def _run_method(cfg: BenchConfig, device: torch.device, name: str, root: str,
         "stall_steady_s": statistics.median(stalls[1:]) if saves > 1 else stalls[0],
         "stall_mean_s": statistics.fmean(stalls),
         "fence_wait_s": fence_s,
-        "loop_overhead_per_save_s": (loop_s - baseline_s) / saves,
+        "loop_overhead_per_save_s": (loop_s - baseline.loop_s) / saves,
         "durable_steady_s": statistics.median(durable[1:]) if len(durable) > 1 else durable[0],
         "durable_mean_s": statistics.fmean(durable),
-        "peak_extra_rss_mib": (rss.peak - rss.base) / _MIB,
+        # The training loop's own growth (gradients, Adam moments) is measured in
+        # the baseline pass and subtracted: what remains is the method's memory.
+        "peak_extra_rss_mib": ((rss.peak - rss.base) - baseline.rss_growth) / _MIB,
         "consistent_files": sum(consistent),
         "all_consistent": all(consistent),
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Baseline:
+    loop_s: float
+    rss_growth: int
+
+
+def _baseline(cfg: BenchConfig, device: torch.device) -> _Baseline:
+    """Fastest of two loops without saves, and the loop's own RSS growth."""
+    runs = []
+    for _ in range(2):
+        with _RssSampler() as rss:
+            loop_s = _train(cfg, device, None)
+        runs.append(_Baseline(loop_s, rss.peak - rss.base))
+    return min(runs, key=lambda b: b.loop_s)
 
 
 def _template(cfg: BenchConfig) -> dict[str, Any]:
@@ -255,12 +273,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _m: None) ->
         log(f"state {state_bytes / _MIB:.0f} MiB on {device}, {cfg.steps} steps, "
             f"save every {cfg.every}; reference pass")
         reference = _reference(cfg, device)
-        baseline_s = min(_train(cfg, device, None) for _ in range(2))
-        log(f"baseline loop {baseline_s:.2f} s")
+        baseline = _baseline(cfg, device)
+        log(f"baseline loop {baseline.loop_s:.2f} s")
         results = []
         for name in cfg.methods:
             log(f"running {name}")
-            results.append(_run_method(cfg, device, name, root, reference, baseline_s))
+            results.append(_run_method(cfg, device, name, root, reference, baseline))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     base = next((r for r in results if r["method"] == "torch.save"), None)
@@ -272,7 +290,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _m: None) ->
         "config": dataclasses.asdict(cfg),
         "device": str(device),
         "state_mib": state_bytes / _MIB,
-        "baseline_loop_s": baseline_s,
+        "baseline_loop_s": baseline.loop_s,
         "torch_version": torch.__version__,
         "cpu_count": os.cpu_count(),
         "methods": results,
