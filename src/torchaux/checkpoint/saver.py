@@ -23,19 +23,15 @@ import contextlib
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from torchaux import _knobs
 from torchaux.checkpoint.atomic import atomic_write
 from torchaux.checkpoint.staging import HostBufferPool, Snapshot
 from torchaux.errors import SaveClosedError
-from torchaux.training.affinity import (
-    CoreRange,
-    _parse,
-    cores_excluding,
-    get_thread_affinity,
-    set_thread_affinity,
-)
+
+if TYPE_CHECKING:
+    from torchaux.training.affinity import CoreRange
 
 __all__ = ["AsyncSaver", "SaveHandle", "wait_saves", "default_saver"]
 
@@ -144,6 +140,10 @@ class AsyncSaver:
         self._unobserved: list[SaveHandle] = []
         self._closed = False
         self._name = name
+        # Imported here: torchaux.training imports the checkpoint engine (graph
+        # dumps are written through it), so a module-level import would be circular.
+        from torchaux.training.affinity import _parse, cores_excluding, get_thread_affinity
+
         if writer_cores == "spare":
             spare = cores_excluding(get_thread_affinity())
             # No spare core (the trainer may use all of them): stay unpinned.
@@ -223,6 +223,8 @@ class AsyncSaver:
 
     def _run(self) -> None:
         if self._writer_cores is not None:
+            from torchaux.training.affinity import set_thread_affinity
+
             try:
                 set_thread_affinity(self._writer_cores)
             except (ValueError, OSError) as exc:
