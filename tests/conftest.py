@@ -10,8 +10,8 @@ import pytest
 # Helper modules of tests/checkpoint get pytest's assertion messages too.
 pytest.register_assert_rewrite("compare", "sinks")
 
-from torchaux import AsyncSaver
-from torchaux.checkpoint import fence
+from torchaux import AsyncSaver  # noqa: E402
+from torchaux.checkpoint import fence  # noqa: E402
 
 #: Seconds a teardown waits for a saver to flush before the test errors out.
 CLOSE_TIMEOUT_S = 60.0

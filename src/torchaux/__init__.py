@@ -8,17 +8,46 @@ from torchaux.errors import (
     SaveClosedError,
     UnsupportedFormatError,
 )
+from torchaux.training import (
+    FlopsBreakdown,
+    FlopsCounter,
+    combine_tensors,
+    get_part_combined_tensor,
+    is_combined_tensor_valid,
+    mfu,
+    npu_combine_tensors,
+    reset_thread_affinity,
+    save_graph_tensor,
+    save_npugraph_tensor,
+    set_thread_affinity,
+    thread_affinity,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # checkpointing
     "save_async",
     "wait_saves",
     "AsyncSaver",
     "SaveHandle",
+    # errors
     "CheckpointError",
     "IntegrityError",
     "DecryptionError",
     "UnsupportedFormatError",
     "SaveClosedError",
+    # training utilities
+    "combine_tensors",
+    "npu_combine_tensors",
+    "get_part_combined_tensor",
+    "is_combined_tensor_valid",
+    "FlopsCounter",
+    "FlopsBreakdown",
+    "mfu",
+    "set_thread_affinity",
+    "reset_thread_affinity",
+    "thread_affinity",
+    "save_graph_tensor",
+    "save_npugraph_tensor",
 ]

@@ -22,9 +22,14 @@ def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generat
     return raw.view(dtype).reshape(shape)
 
 
+def raw_bytes(storage: torch.UntypedStorage) -> bytes:
+    """Every byte of a CPU storage (fast; ``bytes(storage)`` goes element by element)."""
+    return torch.empty(0, dtype=torch.uint8).set_(storage).numpy().tobytes()
+
+
 def storage_bytes(t: torch.Tensor) -> bytes:
     """Every byte of ``t``'s storage (what torch.save writes for it)."""
-    return bytes(t.untyped_storage())
+    return raw_bytes(t.untyped_storage())
 
 
 def assert_tensor_identical(actual: torch.Tensor, expected: torch.Tensor, where: str = "") -> None:

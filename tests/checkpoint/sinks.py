@@ -12,7 +12,9 @@ import contextlib
 import errno
 import threading
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
+from typing import Any, BinaryIO
 
 from torchaux.checkpoint.atomic import atomic_write
 
@@ -125,3 +127,28 @@ class RecordingSink:
         with atomic_write(path) as f:
             yield f
         self.after_commit(path)
+
+
+#: How long a test waits to conclude that a call is (still) blocked.  A wrong
+#: "blocked" verdict needs the call to take longer than this on its own,
+#: which a non-blocking call never does; it never makes a test pass wrongly.
+BLOCKED_S = 0.2
+
+
+def background(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+    """Run ``fn(*args, **kwargs)`` in a daemon thread; its outcome lands in the returned future."""
+    fut: Future[Any] = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test through the future
+            fut.set_exception(exc)
+
+    threading.Thread(target=run, name=f"test-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return fut
+
+
+def still_running(fut: Future[Any], seconds: float = BLOCKED_S) -> bool:
+    """True if ``fut`` has not finished after ``seconds`` (the call is blocked)."""
+    return not futures_wait([fut], timeout=seconds).done

@@ -264,14 +264,7 @@ def test_pickle_protocols_match_torch_save(saver: AsyncSaver, protocol: int) -> 
     "disable",
     [
         False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="src bug: torch 2.13's writer still appends a 'byteorder' record "
-                "(after 'version') when _disable_byteorder_record=True; save_async omits it",
-            ),
-        ),
+        True,
     ],
 )
 def test_byteorder_record_flag_matches_torch_save(saver: AsyncSaver, disable: bool) -> None:
@@ -299,14 +292,7 @@ def test_disabled_byteorder_record_is_not_written_before_the_data(saver: AsyncSa
         "ckpt",
         ".hidden.pt",
         "a b.pt",
-        pytest.param(
-            "mödel.pt",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="src bug: torch.save writes non-ASCII file names through a Python file "
-                "object, so its zip folder is 'archive'; archive_name_for() returns the stem",
-            ),
-        ),
+        "mödel.pt",
     ],
 )
 def test_path_target_matches_torch_save_to_the_same_file_name(

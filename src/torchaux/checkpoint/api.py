@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from typing import IO, Any
@@ -22,7 +23,9 @@ def _check_target(f: object) -> str | None:
         path = os.fsdecode(f)
         if path == "":
             raise ValueError("save_async needs a file path or a writable binary file; got ''")
-        path = os.path.abspath(path)
+        # Write through a symlink to the file it names (as torch.save does)
+        # instead of replacing the link with a regular file.
+        path = os.path.realpath(path)
         if os.path.isdir(path):
             raise ValueError(
                 f"save_async target {path!r} is a directory; pass a file path such as "
@@ -34,10 +37,19 @@ def _check_target(f: object) -> str | None:
                 f"save_async target directory {parent!r} does not exist; create it first "
                 "(os.makedirs(dir, exist_ok=True))"
             )
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise ValueError(
+                f"save_async target {path!r} exists and is not a regular file (a FIFO or "
+                "device?); save_async replaces files atomically, so pass a file path, or "
+                "open the target yourself and pass the binary file object"
+            )
         return path
     if callable(getattr(f, "write", None)):
-        if isinstance(f, (bytes, bytearray)):
-            raise TypeError("save_async needs a path or a binary file object, not bytes")
+        if isinstance(f, io.TextIOBase):
+            raise TypeError(
+                f"save_async needs a binary file object (mode 'wb'), got text stream {type(f).__name__}; "
+                "open the file with mode 'wb' or use io.BytesIO"
+            )
         if getattr(f, "closed", False):
             raise ValueError("save_async got a closed file object; pass an open binary file")
         mode = getattr(f, "mode", "b")

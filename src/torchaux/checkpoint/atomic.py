@@ -22,6 +22,7 @@ import contextlib
 import io
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -83,6 +84,10 @@ def atomic_write(path: str, *, fsync: bool | None = None) -> Iterator[BinaryIO]:
     tmp = temp_path_for(target)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
+        with contextlib.suppress(FileNotFoundError):
+            # Overwriting in place (torch.save) keeps the file's permissions;
+            # a replaced file must keep them too (e.g. a 0o600 checkpoint).
+            os.chmod(fd, stat.S_IMODE(os.stat(target).st_mode))
         buffering = _knobs.write_buffer_bytes()
         with io.open(fd, "wb", buffering=buffering if buffering > 0 else 0, closefd=True) as f:
             yield f  # type: ignore[misc]

@@ -43,13 +43,22 @@ _installed = False
 
 
 def _lookup(module: torch.nn.Module) -> Snapshot | None:
-    entry = _armed.get(id(module))
-    if entry is None or entry[0]() is not module:
+    # torch.compile(model) returns a wrapper whose own (eager) call runs these
+    # hooks; it names the armed model as `_orig_mod`.
+    target = getattr(module, "_orig_mod", module)
+    entry = _armed.get(id(target))
+    if entry is None or entry[0]() is not target:
         return None
     return entry[1]
 
 
 def _forward_pre(module: torch.nn.Module, args: Any) -> None:
+    # Inside a graph that torch.compile traces, do nothing - and touch no
+    # global state, or Dynamo would guard on `_armed` and recompile (or race
+    # with the writer thread) whenever a save is armed or disarmed.  The
+    # compiled module's eager wrapper runs the fence instead (see _lookup).
+    if torch.compiler.is_compiling():
+        return
     if _armed:
         snapshot = _lookup(module)
         if snapshot is not None:
@@ -57,7 +66,7 @@ def _forward_pre(module: torch.nn.Module, args: Any) -> None:
 
 
 def _forward_post(module: torch.nn.Module, args: Any, output: Any) -> None:
-    if not _armed:
+    if torch.compiler.is_compiling() or not _armed:
         return
     snapshot = _lookup(module)
     if snapshot is None:
@@ -72,6 +81,8 @@ def _forward_post(module: torch.nn.Module, args: Any, output: Any) -> None:
 
 
 def _optimizer_pre(optimizer: Any, args: Any, kwargs: Any) -> None:
+    if torch.compiler.is_compiling():
+        return  # a compiled step is still fenced by the backward hook before it
     for _, snapshot in list(_armed.values()):
         snapshot.fence_all()
 

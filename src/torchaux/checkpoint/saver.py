@@ -22,6 +22,7 @@ import weakref
 import contextlib
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
@@ -57,16 +58,26 @@ class SaveHandle:
     def wait(self, timeout: float | None = None) -> str | None:
         """Block until committed; re-raise the save's original exception if it failed.
 
+        A failure counts as observed once it has been raised here.
+
         Raises:
             TimeoutError: ``timeout`` seconds passed first.
         """
+        try:
+            result = self.committed.result(timeout)
+        except FutureTimeoutError:
+            raise  # still pending: a later failure must still be reported
+        except BaseException:
+            self._observed = True
+            raise
         self._observed = True
-        return self.committed.result(timeout)
+        return result
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """Wait like :meth:`wait` but return the failure instead of raising it."""
+        exc = self.committed.exception(timeout)  # TimeoutError leaves it unobserved
         self._observed = True
-        return self.committed.exception(timeout)
+        return exc
 
     def done(self) -> bool:
         """True once the save has committed or failed."""
@@ -191,14 +202,24 @@ class AsyncSaver:
         return handle
 
     def wait(self, timeout: float | None = None) -> None:
-        """Wait for every pending save; raise the first failure nobody observed."""
-        with self._lock:
-            pending = list(self._pending)
-        for handle in pending:
-            handle.committed.exception(timeout)  # waits; result examined below
+        """Wait for every pending save; raise the first failure nobody observed.
+
+        Further unobserved failures stay queued: the next :meth:`wait` or save
+        raises them, one per call.
+        """
+        self._wait_pending(timeout)
         failure = self._pop_unobserved()
         if failure is not None:
             raise failure
+
+    # The two steps of waiting, overridable by subclasses (graph dumps add CUDA
+    # graph replays to wait for and callback failures to report).
+    def _wait_pending(self, timeout: float | None) -> None:
+        with self._lock:
+            pending = list(self._pending)
+        for handle in pending:
+            # Waits without marking the handle observed; a failure stays queued.
+            handle.committed.exception(timeout)
 
     def close(self, timeout: float | None = None) -> None:
         """Flush pending saves, stop the writer thread and free the pool."""
@@ -212,12 +233,15 @@ class AsyncSaver:
             self.pool.clear()
 
     def _pop_unobserved(self) -> BaseException | None:
+        # One failure per call: the others stay queued and are raised by the
+        # next save or wait, so no failure is ever dropped.
         with self._lock:
-            handles = [h for h in self._unobserved if not h._observed]
-            self._unobserved.clear()
-        for h in handles:
-            h._observed = True
-        return handles[0].committed.exception() if handles else None
+            self._unobserved = [h for h in self._unobserved if not h._observed]
+            if not self._unobserved:
+                return None
+            handle = self._unobserved.pop(0)
+        handle._observed = True
+        return handle.committed.exception()
 
     # -- writer thread ----------------------------------------------------------
 
@@ -294,27 +318,25 @@ def wait_saves(timeout: float | None = None) -> None:
         >>> h.done()
         True
     """
-    first: BaseException | None = None
-    for saver in list(_savers):
-        try:
-            saver.wait(timeout)
-        except BaseException as exc:  # noqa: BLE001 - the first one is re-raised below
-            if first is None:
-                first = exc
-            else:
-                _log.error("torchaux: another save failed as well", exc_info=exc)
-    if first is not None:
-        raise first
+    savers = list(_savers)
+    for saver in savers:
+        saver._wait_pending(timeout)
+    for saver in savers:
+        failure = saver._pop_unobserved()
+        if failure is not None:
+            raise failure  # any further failures stay queued for the next call
 
 
 def _flush_at_exit() -> None:
     # Pending saves finish before the interpreter exits (torch_npu gets the same
-    # effect from non-daemon threads); a failure cannot be raised any more, so it
-    # is logged with its traceback.
-    try:
-        wait_saves()
-    except BaseException as exc:  # noqa: BLE001 - reported, nothing left to raise to
-        _log.error("torchaux: a checkpoint save failed and was never waited for", exc_info=exc)
+    # effect from non-daemon threads); failures cannot be raised any more, so
+    # each one is logged with its traceback.
+    while True:
+        try:
+            wait_saves()
+            return
+        except BaseException as exc:  # noqa: BLE001 - reported, nothing left to raise to
+            _log.error("torchaux: a checkpoint save failed and was never waited for", exc_info=exc)
 
 
 atexit.register(_flush_at_exit)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ from torch.serialization import location_tag, normalize_storage_type
 
 from torchaux import _knobs
 
-__all__ = ["HostBufferPool", "Snapshot", "stage", "fence_blocked_seconds"]
+__all__ = ["HostBufferPool", "Snapshot", "TensorLocation", "stage", "fence_blocked_seconds"]
 
 # Seconds training threads spent blocked in fences, process-wide (diagnostics
 # and `torchaux bench`); float += under the GIL is enough for a statistic.
@@ -100,6 +100,17 @@ class HostBufferPool:
             self._free.clear()
 
 
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where a named tensor's elements live inside a staged storage."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int
+
+
 @dataclass
 class _Record:
     key: str
@@ -137,6 +148,16 @@ class Snapshot:
     _buffers_ready: threading.Event = field(default_factory=threading.Event)
     _all_ready: threading.Event = field(default_factory=threading.Event)
     _deferred: bool = False
+    #: name -> location, for formats that store tensors by name (safetensors)
+    tensor_index: dict[str, TensorLocation] = field(default_factory=dict)
+
+    def staged_tensor(self, name: str) -> torch.Tensor:
+        """The staged host copy of the tensor indexed as ``name`` (writer thread)."""
+        loc = self.tensor_index[name]
+        storage = next(r.staged for r in self._records if r.key == loc.key)
+        return torch.empty(0, dtype=loc.dtype).set_(
+            storage, loc.storage_offset, loc.shape, loc.stride
+        )
 
     @property
     def nbytes(self) -> int:
@@ -254,6 +275,21 @@ def _pickle(
     return buf.getvalue(), storages
 
 
+def _index(
+    named: Mapping[str, torch.Tensor], storages: dict[str, torch.UntypedStorage]
+) -> dict[str, TensorLocation]:
+    key_of = {s._cdata: k for k, s in storages.items()}
+    out = {}
+    for name, t in named.items():
+        key = key_of.get(t.untyped_storage()._cdata)
+        if key is None:
+            raise ValueError(f"tensor {name!r} is not part of the object being saved")
+        out[name] = TensorLocation(
+            key, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset()
+        )
+    return out
+
+
 _side_streams: dict[torch.device, Any] = {}
 _side_streams_lock = threading.Lock()
 
@@ -313,6 +349,7 @@ def stage(
     pickle_protocol: int,
     defer_cpu_copies: bool = False,
     model_buffers: Iterable[torch.Tensor] = (),
+    index: Mapping[str, torch.Tensor] | None = None,
 ) -> Snapshot:
     """Take a consistent snapshot of ``obj`` (call on the training thread).
 
@@ -326,6 +363,8 @@ def stage(
             device copies are fenced on the current stream right away.
         model_buffers: tensors whose storages must be copied first (forward
             mutates them).
+        index: named tensors (all reachable from ``obj``) to record in
+            :attr:`Snapshot.tensor_index`.
 
     Returns:
         The snapshot; hand it to the writer, which calls ``finish_staging``.
@@ -342,6 +381,7 @@ def stage(
         [0.0, 1.0, 2.0, 3.0]
     """
     pickled, storages = _pickle(obj, pickle_module, pickle_protocol)
+    tensor_index = _index(index or {}, storages)
     buffer_ptrs = {b.untyped_storage().data_ptr() for b in model_buffers}
     pin = _knobs.pin_memory_enabled() and torch.accelerator.is_available()
     records: list[_Record] = []
@@ -351,7 +391,9 @@ def stage(
             buf = pool.acquire(s.nbytes(), pinned=pinned)
             records.append(_Record(key, s, buf, s.data_ptr() in buffer_ptrs and s.data_ptr() != 0))
         devices = _enqueue_device_copies(records)
-        snapshot = Snapshot(pickled, records, devices, _deferred=defer_cpu_copies)
+        snapshot = Snapshot(
+            pickled, records, devices, _deferred=defer_cpu_copies, tensor_index=tensor_index
+        )
         if not defer_cpu_copies:
             snapshot._copy_cpu(lambda r: True)
             for dev in devices:

@@ -15,6 +15,7 @@ from torchaux.training.combine import (
     is_combined_tensor_valid,
     npu_combine_tensors,
 )
+from torchaux.training.flops import FlopsBreakdown, FlopsCounter, mfu
 from torchaux.training.graph_dump import save_graph_tensor, save_npugraph_tensor
 
 __all__ = [
@@ -31,4 +32,7 @@ __all__ = [
     "cores_excluding",
     "save_graph_tensor",
     "save_npugraph_tensor",
+    "FlopsCounter",
+    "FlopsBreakdown",
+    "mfu",
 ]

@@ -190,18 +190,19 @@ def _next_path(target: _Target) -> str:
 class _DumpSaver(AsyncSaver):
     """The writer of every dump.
 
-    :func:`torchaux.wait_saves` calls :meth:`wait` on every saver; here it
-    first lets queued CUDA graph replays run their dump callbacks, whose writes
-    would otherwise not be pending yet, and re-raises a failed callback.
+    :func:`torchaux.wait_saves` and :meth:`wait` wait on every saver's pending
+    saves, then collect its failures; here waiting first lets queued CUDA graph
+    replays run their dump callbacks (whose writes would otherwise not be
+    pending yet), and a failed callback counts as a failure.
     """
 
-    def wait(self, timeout: float | None = None) -> None:
-        """Wait for every dump so far; raise the first failure nobody observed."""
+    def _wait_pending(self, timeout: float | None) -> None:
         graph_dump_cuda.synchronize_recorded_devices()
-        super().wait(timeout)
-        failure = graph_dump_cuda.pop_failure()
-        if failure is not None:
-            raise failure
+        super()._wait_pending(timeout)
+
+    def _pop_unobserved(self) -> BaseException | None:
+        failure = super()._pop_unobserved()
+        return failure if failure is not None else graph_dump_cuda.pop_failure()
 
 
 _saver: _DumpSaver | None = None

@@ -40,12 +40,15 @@ def archive_name_for(path: str | None) -> str:
     """Top-level folder name torch.save uses inside the zip for ``path``.
 
     torch takes the file name without directories and without its last
-    extension; file objects get ``"archive"``.
+    extension; file objects, and non-ASCII names (which torch.save writes
+    through a Python file object), get ``"archive"``.
 
     >>> archive_name_for("/ckpt/model.step10.pt"), archive_name_for(None)
     ('model.step10', 'archive')
+    >>> archive_name_for("/ckpt/mödel.pt")
+    'archive'
     """
-    if path is None:
+    if path is None or not path.isascii():
         return "archive"
     name = os.path.basename(path)
     stem = name.rsplit(".", 1)[0] if "." in name else name
@@ -65,8 +68,8 @@ def write_torch_save(
         snapshot: a staged snapshot whose ``finish_staging`` has returned.
         fileobj: binary file object open for writing, at position 0.
         archive_name: folder inside the zip (see :func:`archive_name_for`).
-        disable_byteorder_record: omit the ``byteorder`` record, as torch.save's
-            ``_disable_byteorder_record`` does.
+        disable_byteorder_record: as torch.save's ``_disable_byteorder_record``:
+            the ``byteorder`` record moves to the end instead of vanishing.
     """
     alignment = _storage_alignment()
     writer = TorchZipWriter(
@@ -80,5 +83,9 @@ def write_torch_save(
     for key, storage in snapshot.records():
         writer.write_record(f"data/{key}", storage_view(storage))
     writer.write_record("version", FILE_FORMAT_VERSION.encode())
+    if disable_byteorder_record:
+        # torch 2.13's zip writer adds the record itself at the end when the
+        # caller skipped it, so torch.save never really omits it; mirror that.
+        writer.write_record("byteorder", sys.byteorder.encode())
     writer.write_record(".data/serialization_id", writer.serialization_id().encode())
     writer.finish()

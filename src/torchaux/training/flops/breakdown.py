@@ -67,9 +67,9 @@ class FlopsBreakdown:
     Example:
         >>> b = FlopsBreakdown(72, 144, {"aten.mm": OpFlops(72, 144)}, {}, ())
         >>> print(b.table())
-        module / op      model     total  % total
-        Global              72       144   100.0%
-         - aten.mm          72       144   100.0%
+        module / op  model  total  % total
+        Global          72    144   100.0%
+         - aten.mm      72    144   100.0%
     """
 
     model_flops: int
@@ -125,11 +125,12 @@ class FlopsBreakdown:
                     )
                 )
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        return "\n".join(
-            row[0].ljust(widths[0]) + "".join(f"  {cell:>{widths[i + 1]}}" for i, cell in
-                                              enumerate(row[1:]))
-            for row in rows
-        )
+        lines = []
+        for row in rows:
+            cells = [row[0].ljust(widths[0])]
+            cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
+            lines.append("  ".join(cells))
+        return "\n".join(lines)
 
     def _pct(self, flops: int) -> str:
         return f"{100 * flops / self.total_flops:.1f}%" if self.total_flops else "0.0%"

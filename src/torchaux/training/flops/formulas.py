@@ -17,8 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from math import prod
 
-import torch
-
 __all__ = [
     "matmul_flops",
     "conv_flops",
@@ -41,8 +39,8 @@ def matmul_flops(a_shape: Sequence[int], b_shape: Sequence[int]) -> int:
     Example:
         >>> matmul_flops((3, 4), (4, 3))
         72
-        >>> matmul_flops((2, 5, 3, 4), (4, 6))
-        720
+        >>> matmul_flops((2, 5, 3, 4), (4, 6))  # 10 batched (3, 4) @ (4, 6)
+        1440
     """
     if len(a_shape) == 0 or len(b_shape) == 0:
         raise ValueError(f"matmul needs operands of at least 1 dim, got {a_shape} @ {b_shape}")
@@ -50,13 +48,20 @@ def matmul_flops(a_shape: Sequence[int], b_shape: Sequence[int]) -> int:
     k_b = b_shape[0] if len(b_shape) == 1 else b_shape[-2]
     if k != k_b:
         raise ValueError(
-            f"matmul contracted dims differ: {a_shape} @ {b_shape} ({k} != {k_b}); "
+            f"matmul contracted dims differ: {tuple(a_shape)} @ {tuple(b_shape)} ({k} != {k_b}); "
             "pass shapes of operands torch.matmul would accept"
         )
-    batch = torch.broadcast_shapes(tuple(a_shape[:-2]), tuple(b_shape[:-2]))
-    m = [a_shape[-2]] if len(a_shape) >= 2 else []
-    n = [b_shape[-1]] if len(b_shape) >= 2 else []
-    return 2 * k * prod([*batch, *m, *n])
+    m = a_shape[-2] if len(a_shape) >= 2 else 1
+    n = b_shape[-1] if len(b_shape) >= 2 else 1
+    return 2 * k * m * n * _broadcast_numel(a_shape[:-2], b_shape[:-2])
+
+
+def _broadcast_numel(a: Sequence[int], b: Sequence[int]) -> int:
+    """Elements of the broadcast of two batch shapes (assumed compatible: the op ran)."""
+    if len(a) < len(b):
+        a, b = b, a
+    tail = len(a) - len(b)
+    return prod(a[:tail]) * prod(x if y == 1 else y for x, y in zip(a[tail:], b, strict=True))
 
 
 def conv_flops(

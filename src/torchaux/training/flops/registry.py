@@ -109,10 +109,12 @@ def _bshd_attention_shapes(
 ) -> Iterator[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """(B, H, S, D) shapes for the raw flash/efficient kernels, one per jagged sequence.
 
-    These kernels take (batch, seq, heads, dim), unlike the public SDPA ops, or
-    a packed (..., total_seq, heads, dim) with cumulative offsets (nested
-    tensors and varlen attention).  torch 2.13 passes the dense layout unchanged
-    to its (B, H, S, D) formula; we transpose it.
+    These kernels take (batch, seq, heads, dim) -- the public SDPA ops transpose
+    dims 1 and 2 before calling them (pytorch
+    ``aten/src/ATen/native/transformers/cuda/attention.cu``) -- or a packed
+    (..., total_seq, heads, dim) with cumulative offsets (nested tensors and
+    varlen attention).  torch 2.13's ``flop_counter.py`` feeds the dense layout
+    unchanged to its (B, H, S, D) formula; we transpose it.
     """
     if cum_q is None or cum_k is None:
         yield (
@@ -183,7 +185,7 @@ def register_formula(target: Any, formula: Formula, *, replace: bool = False) ->
 
     Example:
         >>> lib = torch.library.Library("torchaux_doc", "FRAGMENT")
-        >>> lib.define("twice(Tensor x) -> Tensor")
+        >>> _ = lib.define("twice(Tensor x) -> Tensor")
         >>> register_formula(torch.ops.torchaux_doc.twice, lambda args, kwargs, out: out.numel())
         >>> formula_for(torch.ops.torchaux_doc.twice.default) is not None
         True
@@ -241,7 +243,7 @@ def _register_builtins() -> None:
         register_formula(getattr(_aten, name), _sdpa)
         register_formula(getattr(_aten, name + "_backward"), _sdpa_backward)
     # _flash_attention_forward(q, k, v, cum_seq_q, cum_seq_k, max_q, max_k, ...),
-    # _flash_attention_backward(grad_out, q, k, v, out, lse, cum_seq_q, cum_seq_k, max_q, max_k, ...),
+    # _flash_attention_backward(grad_out, q, k, v, out, lse, cum_seq_q, cum_seq_k, ...),
     # _efficient_attention_forward(q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_q, max_k, ...),
     # _efficient_attention_backward(grad_out, q, k, v, bias, out, cu_seqlens_q, ...).
     register_formula(_aten._flash_attention_forward, _raw_attention(0, 3, backward=False))
