@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -138,6 +141,11 @@ class _RssSampler:
         while not self._stop.wait(0.002):
             self.peak = max(self.peak, self.rss())
 
+    def rebase(self) -> None:
+        """Measure growth from now on (after the training state exists)."""
+        self.base = self.rss()
+        self.peak = self.base
+
     def __enter__(self) -> _RssSampler:
         self.base = self.rss()
         self.peak = self.base
@@ -154,8 +162,13 @@ def _train(
     cfg: BenchConfig,
     device: torch.device,
     on_save: Callable[[int, dict[str, Any], torch.nn.Module], None] | None,
-) -> float:
-    """Run the training loop; call ``on_save`` at save steps; return loop seconds."""
+    after_first_step: Callable[[], None] = lambda: None,
+) -> tuple[float, torch.nn.Module, torch.optim.Optimizer]:
+    """Run the training loop; call ``on_save`` at save steps.
+
+    Returns:
+        Loop seconds, and the trained model and optimizer (gradients kept).
+    """
     model, optimizer = _build(cfg, device)
     width = model[0].in_features
     loss_fn = torch.nn.MSELoss()
@@ -168,20 +181,32 @@ def _train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if step == 0:
+            after_first_step()
         if on_save is not None and (step + 1) % cfg.every == 0:
             on_save(step, _state(model, optimizer), model)
     sync()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, model, optimizer
 
 
-def _run_method(cfg: BenchConfig, device: torch.device, name: str, root: str,
-                reference: dict[int, list[tuple[str, int]]], baseline: _Baseline) -> dict[str, Any]:
-    directory = os.path.join(root, name.replace(" ", "_").replace("(", "").replace(")", ""))
-    os.makedirs(directory, exist_ok=True)
-    method: Method = METHODS[name](directory)
+def run_one(cfg: BenchConfig, name: str | None, root: str,
+            reference: dict[int, list[tuple[str, int]]]) -> dict[str, Any]:
+    """Train once with method ``name`` (``None``: no saves) and measure it.
+
+    Runs in a fresh process per method (see :func:`run_bench`), so peak RSS is
+    the method's own: growth over the RSS right after the first training step,
+    when parameters, gradients and Adam moments all exist.
+    """
+    device = _resolve_device(cfg.device)
+    method: Method | None = None
+    if name is not None:
+        directory = os.path.join(root, name.replace(" ", "_").replace("(", "").replace(")", ""))
+        os.makedirs(directory, exist_ok=True)
+        method = METHODS[name](directory)
     stalls: list[float] = []
 
     def on_save(step: int, state: dict[str, Any], model: torch.nn.Module) -> None:
+        assert method is not None
         start = time.perf_counter()
         method.save(step, state, model)
         stalls.append(time.perf_counter() - start)
@@ -189,50 +214,77 @@ def _run_method(cfg: BenchConfig, device: torch.device, name: str, root: str,
 
     fences_before = fence_blocked_seconds()
     with _RssSampler() as rss:
-        loop_s = _train(cfg, device, on_save)
-        method.finish()
+        loop_s, model, optimizer = _train(
+            cfg, device, on_save if method else None, after_first_step=rss.rebase
+        )
+        if method is not None:
+            method.finish()
+    result: dict[str, Any] = {
+        "method": name,
+        "loop_s": loop_s,
+        "peak_extra_rss_mib": (rss.peak - rss.base) / _MIB,
+    }
+    if method is None:
+        return result
     fence_s = fence_blocked_seconds() - fences_before
+    exact_at_call = _probe_immediate_step(cfg, method, model, optimizer)
     method.close()
     saves = len(stalls)
     # Fence waits happen inside the following training steps; spread them evenly.
     stalls = [s + fence_s / saves for s in stalls]
     consistent = [
         _fingerprint(method.load(step, lambda: _template(cfg))) == reference[step]
-        for step in sorted(method.paths)
+        for step in sorted(method.paths) if step in reference
     ]
-    durable = [method.durable_s[s] for s in sorted(method.durable_s)]
-    return {
-        "method": name,
+    durable = [method.durable_s[s] for s in sorted(method.durable_s) if s in reference]
+    result.update({
         "saves": saves,
         "stall_first_s": stalls[0],
         "stall_steady_s": statistics.median(stalls[1:]) if saves > 1 else stalls[0],
         "stall_mean_s": statistics.fmean(stalls),
         "fence_wait_s": fence_s,
-        "loop_overhead_per_save_s": (loop_s - baseline.loop_s) / saves,
         "durable_steady_s": statistics.median(durable[1:]) if len(durable) > 1 else durable[0],
         "durable_mean_s": statistics.fmean(durable),
-        # The training loop's own growth (gradients, Adam moments) is measured in
-        # the baseline pass and subtracted: what remains is the method's memory.
-        "peak_extra_rss_mib": ((rss.peak - rss.base) - baseline.rss_growth) / _MIB,
         "consistent_files": sum(consistent),
         "all_consistent": all(consistent),
-    }
+        "exact_at_call": exact_at_call,
+    })
+    return result
 
 
-@dataclasses.dataclass(frozen=True)
-class _Baseline:
-    loop_s: float
-    rss_growth: int
+def _probe_immediate_step(cfg: BenchConfig, method: Method, model: torch.nn.Module,
+                          optimizer: torch.optim.Optimizer) -> bool:
+    """Save, then step the optimizer at once: does the file hold the state at the call?
+
+    The training loop leaves a forward and backward between a save and the
+    next parameter update, which hides methods that read live tensors while
+    writing.  Here the update comes immediately (the gradients of the last
+    step are still there), as it would with gradient accumulation or a
+    save placed right before ``optimizer.step()``.
+    """
+    step = -1
+    state = _state(model, optimizer)
+    expected = _fingerprint(state)
+    method.save(step, state, model)
+    method.after_save()
+    optimizer.step()
+    method.finish()
+    return _fingerprint(method.load(step, lambda: _template(cfg))) == expected
 
 
-def _baseline(cfg: BenchConfig, device: torch.device) -> _Baseline:
-    """Fastest of two loops without saves, and the loop's own RSS growth."""
-    runs = []
-    for _ in range(2):
-        with _RssSampler() as rss:
-            loop_s = _train(cfg, device, None)
-        runs.append(_Baseline(loop_s, rss.peak - rss.base))
-    return min(runs, key=lambda b: b.loop_s)
+def _in_child(cfg: BenchConfig, name: str | None, root: str,
+              reference: dict[int, list[tuple[str, int]]]) -> dict[str, Any]:
+    payload = json.dumps({
+        "cfg": dataclasses.asdict(cfg), "method": name, "root": root,
+        "reference": {str(k): v for k, v in reference.items()},
+    })
+    proc = subprocess.run(
+        [sys.executable, "-m", "torchaux.cli.bench_child"], input=payload,
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench child for {name!r} failed:\n{proc.stderr[-4000:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 def _template(cfg: BenchConfig) -> dict[str, Any]:
@@ -273,12 +325,18 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _m: None) ->
         log(f"state {state_bytes / _MIB:.0f} MiB on {device}, {cfg.steps} steps, "
             f"save every {cfg.every}; reference pass")
         reference = _reference(cfg, device)
-        baseline = _baseline(cfg, device)
-        log(f"baseline loop {baseline.loop_s:.2f} s")
+        # Every measured loop runs in a fresh process: peak memory and timings
+        # then belong to that method alone, not to what earlier passes left.
+        baseline = min((_in_child(cfg, None, root, reference) for _ in range(2)),
+                       key=lambda r: r["loop_s"])
+        log(f"baseline loop {baseline['loop_s']:.2f} s")
         results = []
         for name in cfg.methods:
             log(f"running {name}")
-            results.append(_run_method(cfg, device, name, root, reference, baseline))
+            r = _in_child(cfg, name, root, reference)
+            r["loop_overhead_per_save_s"] = (r["loop_s"] - baseline["loop_s"]) / r["saves"]
+            r["peak_extra_rss_mib"] -= baseline["peak_extra_rss_mib"]
+            results.append(r)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     base = next((r for r in results if r["method"] == "torch.save"), None)
@@ -290,7 +348,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _m: None) ->
         "config": dataclasses.asdict(cfg),
         "device": str(device),
         "state_mib": state_bytes / _MIB,
-        "baseline_loop_s": baseline.loop_s,
+        "baseline_loop_s": baseline["loop_s"],
+        "baseline_peak_extra_rss_mib": baseline["peak_extra_rss_mib"],
         "torch_version": torch.__version__,
         "cpu_count": os.cpu_count(),
         "methods": results,

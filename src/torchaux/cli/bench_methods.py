@@ -44,7 +44,7 @@ class Method:
         self.paths: dict[int, str] = {}
 
     def path(self, step: int) -> str:
-        return os.path.join(self.directory, f"step{step:05d}.pt")
+        return os.path.join(self.directory, f"step{step:05d}.pt".replace("-", "m"))
 
     def save(self, step: int, state: dict[str, Any], model: torch.nn.Module) -> None:
         raise NotImplementedError
@@ -130,7 +130,7 @@ class DcpAsyncSave(Method):
             # DCP's documented pattern: wait for the previous save before the next.
             self.future.result()
         start = time.perf_counter()
-        path = os.path.join(self.directory, f"step{step:05d}.dcp")
+        path = os.path.join(self.directory, f"step{step:05d}.dcp".replace("-", "m"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "assuming single process" notice
             future = dcp.async_save(state, checkpoint_id=path)

@@ -17,6 +17,7 @@ _COLUMNS = [
     ("x save+fsync", "durable_vs_torch_save_fsync", "{:.2f}"),
     ("peak +RSS", "peak_extra_rss_mib", "{:.0f}MiB"),
     ("consistent", "consistent_files", "{}"),
+    ("exact@call", "exact_at_call", "{}"),
 ]
 
 
@@ -27,7 +28,9 @@ def format_table(results: dict[str, Any]) -> str:
         row = []
         for _, key, fmt in _COLUMNS:
             value = r.get(key)
-            if key == "consistent_files":
+            if key == "exact_at_call":
+                row.append("yes" if value else "NO (torn)")
+            elif key == "consistent_files":
                 row.append(f"{value}/{r['saves']}" + ("" if r["all_consistent"] else " TORN"))
             else:
                 row.append("-" if value is None else fmt.format(value))
@@ -44,7 +47,9 @@ def format_table(results: dict[str, Any]) -> str:
     notes = (
         "stall: training thread blocked per save (steady state = median after the first);\n"
         "loop +/save: extra loop wall time per save vs the no-save loop (includes CPU contention);\n"
-        "durable: call -> bytes fsynced; consistent: files equal to the state at their step."
+        "durable: call -> bytes fsynced; consistent: files equal to the state at their step;\n"
+        "exact@call: a save followed at once by optimizer.step() holds the pre-step state;\n"
+        "peak +RSS: growth over the RSS after the first step, minus the no-save loop's growth."
     )
     return "\n".join([head, "", *lines, "", notes])
 
