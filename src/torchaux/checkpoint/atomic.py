@@ -57,12 +57,17 @@ def _fsync_directory(directory: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str, *, fsync: bool | None = None) -> Iterator[BinaryIO]:
+def atomic_write(
+    path: str, *, fsync: bool | None = None, mode: int | None = None
+) -> Iterator[BinaryIO]:
     """Open a temp file for writing and commit it to ``path`` on clean exit.
 
     Args:
         path: final file path; its directory must exist.
         fsync: override the ``TORCHAUX_FSYNC`` knob (default: on).
+        mode: permission bits of the new file (e.g. ``0o600``), set before any
+            byte is written; default: those of the file being replaced, else
+            ``0o666`` minus the umask, as ``open()`` would.
 
     Yields:
         A binary file object to write the complete content into.
@@ -82,12 +87,16 @@ def atomic_write(path: str, *, fsync: bool | None = None) -> Iterator[BinaryIO]:
     do_fsync = _knobs.fsync_enabled() if fsync is None else fsync
     target = os.path.abspath(path)
     tmp = temp_path_for(target)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    fd = os.open(tmp, flags, 0o600 if mode is not None else 0o666)
     try:
-        with contextlib.suppress(FileNotFoundError):
-            # Overwriting in place (torch.save) keeps the file's permissions;
-            # a replaced file must keep them too (e.g. a 0o600 checkpoint).
-            os.chmod(fd, stat.S_IMODE(os.stat(target).st_mode))
+        if mode is not None:
+            os.chmod(fd, mode)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                # Overwriting in place (torch.save) keeps the file's permissions;
+                # a replaced file must keep them too (e.g. a 0o600 checkpoint).
+                os.chmod(fd, stat.S_IMODE(os.stat(target).st_mode))
         buffering = _knobs.write_buffer_bytes()
         with io.open(fd, "wb", buffering=buffering if buffering > 0 else 0, closefd=True) as f:
             yield f  # type: ignore[misc]

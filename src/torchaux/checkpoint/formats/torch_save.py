@@ -19,6 +19,7 @@ from typing import IO
 import torch
 from torch.serialization import get_crc32_options
 
+from torchaux.checkpoint import integrity
 from torchaux.checkpoint.formats.torch_zip import TorchZipWriter, storage_view
 from torchaux.checkpoint.staging import Snapshot
 
@@ -61,6 +62,7 @@ def write_torch_save(
     *,
     archive_name: str = "archive",
     disable_byteorder_record: bool = False,
+    content_crc: bool = False,
 ) -> None:
     """Write ``snapshot`` to ``fileobj`` in torch.save format (writer thread).
 
@@ -70,10 +72,13 @@ def write_torch_save(
         archive_name: folder inside the zip (see :func:`archive_name_for`).
         disable_byteorder_record: as torch.save's ``_disable_byteorder_record``:
             the ``byteorder`` record moves to the end instead of vanishing.
+        content_crc: compute every member CRC (whatever torch's CRC option) and
+            append the ``.torchaux/crc32`` member (see :mod:`..integrity`).
     """
     alignment = _storage_alignment()
     writer = TorchZipWriter(
-        fileobj, archive_name=archive_name, alignment=alignment, compute_crc=get_crc32_options()
+        fileobj, archive_name=archive_name, alignment=alignment,
+        compute_crc=content_crc or get_crc32_options(),
     )
     writer.write_record("data.pkl", snapshot.pickled)
     writer.write_record(".format_version", FORMAT_VERSION.encode())
@@ -88,4 +93,7 @@ def write_torch_save(
         # caller skipped it, so torch.save never really omits it; mirror that.
         writer.write_record("byteorder", sys.byteorder.encode())
     writer.write_record(".data/serialization_id", writer.serialization_id().encode())
+    if content_crc:
+        crc = integrity.content_crc(writer.members())
+        writer.write_record(integrity.CRC_MEMBER, f"{crc:08x}".encode())
     writer.finish()

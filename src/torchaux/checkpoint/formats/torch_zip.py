@@ -216,6 +216,10 @@ class TorchZipWriter:
         )
         self._f.flush()
 
+    def members(self) -> list[tuple[str, int, int]]:
+        """``(full name, CRC-32, size)`` of every member written so far, in order."""
+        return [(m.name.decode("utf-8"), m.crc, m.size) for m in self._members]
+
     def serialization_id(self) -> str:
         """40 decimal digits identifying the content written so far."""
         names = 0
