@@ -1,6 +1,8 @@
 """torchaux: trustworthy auxiliary training utilities for every PyTorch backend."""
 
 from torchaux.checkpoint import AsyncSaver, SaveHandle, save_async, wait_saves
+from torchaux.checkpoint.secure_load import load_checkpoint, load_param_into_net
+from torchaux.checkpoint.secure_save import save_checkpoint
 from torchaux.errors import (
     CheckpointError,
     DecryptionError,
@@ -31,6 +33,9 @@ __all__ = [
     "wait_saves",
     "AsyncSaver",
     "SaveHandle",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_param_into_net",
     # errors
     "CheckpointError",
     "IntegrityError",

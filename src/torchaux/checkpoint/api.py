@@ -17,49 +17,49 @@ from torchaux.checkpoint.saver import AsyncSaver, SaveHandle, default_saver
 __all__ = ["save_async"]
 
 
-def _check_target(f: object) -> str | None:
+def _check_target(f: object, who: str = "save_async") -> str | None:
     """Validate ``f``; return the absolute path, or None for a file object."""
     if isinstance(f, (str, os.PathLike)):
         path = os.fsdecode(f)
         if path == "":
-            raise ValueError("save_async needs a file path or a writable binary file; got ''")
+            raise ValueError(f"{who} needs a file path or a writable binary file; got ''")
         # Write through a symlink to the file it names (as torch.save does)
         # instead of replacing the link with a regular file.
         path = os.path.realpath(path)
         if os.path.isdir(path):
             raise ValueError(
-                f"save_async target {path!r} is a directory; pass a file path such as "
+                f"{who} target {path!r} is a directory; pass a file path such as "
                 f"{os.path.join(path, 'model.pt')!r}"
             )
         parent = os.path.dirname(path)
         if not os.path.isdir(parent):
             raise ValueError(
-                f"save_async target directory {parent!r} does not exist; create it first "
+                f"{who} target directory {parent!r} does not exist; create it first "
                 "(os.makedirs(dir, exist_ok=True))"
             )
         if os.path.exists(path) and not os.path.isfile(path):
             raise ValueError(
-                f"save_async target {path!r} exists and is not a regular file (a FIFO or "
-                "device?); save_async replaces files atomically, so pass a file path, or "
+                f"{who} target {path!r} exists and is not a regular file (a FIFO or "
+                "device?); saves replace files atomically, so pass a file path, or "
                 "open the target yourself and pass the binary file object"
             )
         return path
     if callable(getattr(f, "write", None)):
         if isinstance(f, io.TextIOBase):
             raise TypeError(
-                f"save_async needs a binary file object (mode 'wb'), got text stream {type(f).__name__}; "
+                f"{who} needs a binary file object (mode 'wb'), got text stream {type(f).__name__}; "
                 "open the file with mode 'wb' or use io.BytesIO"
             )
         if getattr(f, "closed", False):
-            raise ValueError("save_async got a closed file object; pass an open binary file")
+            raise ValueError(f"{who} got a closed file object; pass an open binary file")
         mode = getattr(f, "mode", "b")
         if isinstance(mode, str) and "b" not in mode:
             raise TypeError(
-                f"save_async needs a binary file object (mode 'wb'), got mode {mode!r}"
+                f"{who} needs a binary file object (mode 'wb'), got mode {mode!r}"
             )
         return None
     raise TypeError(
-        "save_async target must be a str/os.PathLike path or a binary file-like object "
+        f"{who} target must be a str/os.PathLike path or a binary file-like object "
         f"with a write() method, got {type(f).__name__}"
     )
 

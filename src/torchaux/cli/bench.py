@@ -36,6 +36,7 @@ import torch
 
 from torchaux.checkpoint.staging import fence_blocked_seconds
 from torchaux.cli.bench_methods import METHODS, Method
+from torchaux.cli.bench_secure import SECURE_METHODS, writer_probe
 
 __all__ = ["BenchConfig", "run_bench"]
 
@@ -51,13 +52,15 @@ class BenchConfig:
     """What `torchaux bench` runs (all fields are CLI options)."""
 
     size_mib: int = 256
-    steps: int = 24
-    every: int = 6
-    batch: int = 32
+    steps: int = 20
+    every: int = 5
+    batch: int = 128
     directory: str | None = None
     device: str = "auto"
     methods: tuple[str, ...] = tuple(METHODS)
     seed: int = 0
+    #: also run the writer-only throughput probe of the secure modes
+    writer_probe: bool = False
 
     def __post_init__(self) -> None:
         if self.size_mib < 1:
@@ -66,9 +69,10 @@ class BenchConfig:
             raise ValueError(
                 f"need 1 <= --every <= --steps, got every={self.every} steps={self.steps}"
             )
-        unknown = [m for m in self.methods if m not in METHODS]
+        known = {**METHODS, **SECURE_METHODS}
+        unknown = [m for m in self.methods if m not in known]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+            raise ValueError(f"unknown method(s) {unknown}; choose from {list(known)}")
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -121,7 +125,7 @@ def _fingerprint(state: dict[str, Any]) -> list[tuple[str, int]]:
                 walk(f"{prefix}.{i}", v)
 
     walk("", state)
-    return out
+    return sorted(out)  # flat ("a.b") and nested ({"a": {"b"}}) states compare equal
 
 
 class _RssSampler:
@@ -202,7 +206,7 @@ def run_one(cfg: BenchConfig, name: str | None, root: str,
     if name is not None:
         directory = os.path.join(root, name.replace(" ", "_").replace("(", "").replace(")", ""))
         os.makedirs(directory, exist_ok=True)
-        method = METHODS[name](directory)
+        method = {**METHODS, **SECURE_METHODS}[name](directory)
     stalls: list[float] = []
 
     def on_save(step: int, state: dict[str, Any], model: torch.nn.Module) -> None:
@@ -306,6 +310,23 @@ def _reference(cfg: BenchConfig, device: torch.device) -> dict[int, list[tuple[s
     return prints
 
 
+def _add_ratios(results: list[dict[str, Any]]) -> None:
+    base = next((r for r in results if r["method"] == "torch.save"), None)
+    plain = next((r for r in results if r["method"] == "torchaux.save_async"), None)
+    for r in results:
+        if base is not None:
+            r["stall_vs_torch_save"] = r["stall_steady_s"] / base["stall_steady_s"]
+            r["durable_vs_torch_save_fsync"] = r["durable_steady_s"] / base["durable_steady_s"]
+        if plain is not None and r["method"] in SECURE_METHODS:
+            # Issue #3's bars compare secure saves with the plain async save.
+            r["stall_vs_plain_async"] = r["stall_steady_s"] / plain["stall_steady_s"]
+            r["loop_overhead_vs_plain_async"] = (
+                r["loop_overhead_per_save_s"] / plain["loop_overhead_per_save_s"]
+                if plain["loop_overhead_per_save_s"] > 0 else float("nan")
+            )
+            r["durable_speed_vs_plain_async"] = plain["durable_steady_s"] / r["durable_steady_s"]
+
+
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """Run every configured method; return machine-readable results.
 
@@ -339,12 +360,16 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _m: None) ->
             results.append(r)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    base = next((r for r in results if r["method"] == "torch.save"), None)
-    for r in results:
-        if base is not None:
-            r["stall_vs_torch_save"] = r["stall_steady_s"] / base["stall_steady_s"]
-            r["durable_vs_torch_save_fsync"] = r["durable_steady_s"] / base["durable_steady_s"]
+    _add_ratios(results)
+    probe = None
+    if cfg.writer_probe:
+        probe_dir = tempfile.mkdtemp(prefix="torchaux-probe-", dir=cfg.directory)
+        try:
+            probe = writer_probe(cfg.size_mib, probe_dir, log)
+        finally:
+            shutil.rmtree(probe_dir, ignore_errors=True)
     return {
+        "writer_probe": probe,
         "config": dataclasses.asdict(cfg),
         "device": str(device),
         "state_mib": state_bytes / _MIB,

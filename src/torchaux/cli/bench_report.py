@@ -51,7 +51,24 @@ def format_table(results: dict[str, Any]) -> str:
         "exact@call: a save followed at once by optimizer.step() holds the pre-step state;\n"
         "peak +RSS: growth over the RSS after the first step, minus the no-save loop's growth."
     )
-    return "\n".join([head, "", *lines, "", notes])
+    parts = [head, "", *lines, "", notes]
+    secure = [r for r in results["methods"] if "stall_vs_plain_async" in r]
+    if secure:
+        parts += ["", "secure saves vs torchaux.save_async (same run):"]
+        for r in secure:
+            parts.append(
+                f"  {r['method']:<32} stall x{r['stall_vs_plain_async']:.2f}  "
+                f"loop overhead x{r['loop_overhead_vs_plain_async']:.2f}  "
+                f"durable speed x{r['durable_speed_vs_plain_async']:.2f}"
+            )
+    if results.get("writer_probe"):
+        parts += ["", "writer only (no training), save_checkpoint + CRC:"]
+        for p in results["writer_probe"]:
+            parts.append(
+                f"  {p['mode']:<8} {p['seconds']:6.2f}s  {p['gb_per_s']:5.2f} GB/s  "
+                f"cores busy {p['cpu_per_wall']:.2f}"
+            )
+    return "\n".join(parts)
 
 
 def write_json(results: dict[str, Any], path: str) -> None:
