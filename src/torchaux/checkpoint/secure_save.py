@@ -101,7 +101,10 @@ def _check_encryption(enc_key: object, enc_mode: object) -> None:
 def _safetensors_parts(
     named: Mapping[str, Value], redundancy: bool | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from torchaux.checkpoint.formats.safetensors import check_safetensors_dtypes
+    from torchaux.checkpoint.formats.safetensors import (
+        check_safetensors_dtypes,
+        check_safetensors_metadata,
+    )
 
     tensors = {k: v for k, v in named.items() if isinstance(v, torch.Tensor)}
     check_safetensors_dtypes(tensors)
@@ -111,6 +114,7 @@ def _safetensors_parts(
         metadata[APPEND_METADATA_KEY] = json.dumps(values, sort_keys=True)
     if redundancy is not None:
         metadata["remove_redundancy"] = str(redundancy)
+    check_safetensors_metadata(metadata)
     return tensors, metadata
 
 

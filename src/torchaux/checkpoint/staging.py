@@ -150,11 +150,14 @@ class Snapshot:
     _deferred: bool = False
     #: name -> location, for formats that store tensors by name (safetensors)
     tensor_index: dict[str, TensorLocation] = field(default_factory=dict)
+    _by_key: dict[str, torch.UntypedStorage] | None = None
 
     def staged_tensor(self, name: str) -> torch.Tensor:
         """The staged host copy of the tensor indexed as ``name`` (writer thread)."""
         loc = self.tensor_index[name]
-        storage = next(r.staged for r in self._records if r.key == loc.key)
+        if self._by_key is None:
+            self._by_key = {r.key: r.staged for r in self._records}
+        storage = self._by_key[loc.key]
         return torch.empty(0, dtype=loc.dtype).set_(
             storage, loc.storage_offset, loc.shape, loc.stride
         )
@@ -217,6 +220,7 @@ class Snapshot:
         """Return the host buffers to ``pool``; the snapshot is unusable after."""
         pool.release(r.staged for r in self._records)
         self._records = []
+        self._by_key = None
 
 
 def _device_module(device: torch.device) -> Any:
