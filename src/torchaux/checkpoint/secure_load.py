@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -68,7 +69,7 @@ def detect_format(head: bytes) -> str:
     )
 
 
-def _read_plain(path: str, dec_key: bytes | None, dec_mode: str) -> bytes:
+def _read_plain(path: str, dec_key: bytes | None, dec_mode: str | None) -> bytes:
     with open(path, "rb") as f:
         head = f.read(16)
         f.seek(0)
@@ -101,7 +102,7 @@ def _load_ckpt(data: bytes, path: str, crc_check: bool, map_location: Any) -> di
         )
     try:
         obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, pickle.UnpicklingError) as exc:
         if isinstance(exc, IntegrityError):
             raise
         raise IntegrityError(
@@ -146,7 +147,7 @@ def load_checkpoint(
     strict_load: bool = False,
     filter_prefix: str | Sequence[str] | None = None,
     dec_key: bytes | None = None,
-    dec_mode: str = "AES-GCM",
+    dec_mode: str | None = "AES-GCM",
     specify_prefix: str | Sequence[str] | None = None,
     choice_func: Callable[[str], bool] | None = None,
     crc_check: bool = False,
@@ -162,7 +163,8 @@ def load_checkpoint(
         strict_load: see :func:`load_param_into_net`.
         filter_prefix: drop names starting with any of these prefixes.
         dec_key, dec_mode: key and mode of an encrypted file (the mode is also
-            recorded in the file; a mismatch raises :class:`DecryptionError`).
+            recorded in the file; a mismatch raises :class:`DecryptionError`;
+            ``dec_mode=None`` accepts the mode the file records).
         specify_prefix: keep only names starting with one of these prefixes.
         choice_func: ``name -> bool``; consulted only when neither prefix
             argument is given (MindSpore's rule).
@@ -189,12 +191,14 @@ def load_checkpoint(
     filters = _prefixes(filter_prefix, "filter_prefix")
     if choice_func is not None and not callable(choice_func):
         raise TypeError(f"choice_func must be callable or None; got {type(choice_func).__name__}")
-    if dec_key is not None:
+    if dec_key is not None and dec_mode is not None:
         from torchaux.checkpoint.crypto_header import validate_key
 
         validate_key(dec_key, dec_mode)
-    elif not isinstance(dec_mode, str):
-        raise TypeError(f"dec_mode must be a str; got {type(dec_mode).__name__}")
+    elif dec_key is not None and not isinstance(dec_key, bytes):
+        raise TypeError(f"dec_key must be bytes; got {type(dec_key).__name__}")
+    elif dec_mode is not None and not isinstance(dec_mode, str):
+        raise TypeError(f"dec_mode must be a str or None; got {type(dec_mode).__name__}")
     if not isinstance(crc_check, bool):
         raise TypeError(f"crc_check must be a bool; got {type(crc_check).__name__}")
     if format is not None and format not in FORMATS:

@@ -3,26 +3,171 @@
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
+import zipfile
+from collections.abc import Sequence
+from typing import Any
 
 from torchaux.cli.bench_methods import METHODS
+from torchaux.cli.bench_secure import SECURE_METHODS
+from torchaux.errors import CheckpointError
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
+
+# Library errors that the checkpoint commands report as one line with exit
+# status 1 (the file is damaged, the key is wrong, the arguments do not fit
+# the file); anything else is a bug and keeps its traceback.
+_FAILURES = (
+    CheckpointError, ValueError, TypeError, OSError, EOFError, RuntimeError,
+    zipfile.BadZipFile, pickle.UnpicklingError,
+)
+_KEY_HINT = (
+    "; keys are never accepted on the command line: use --dec-key-file/--enc-key-file PATH or "
+    "the TORCHAUX_DEC_KEY/TORCHAUX_ENC_KEY environment variables"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that never echoes the values of unrecognized arguments.
+
+    A mistyped option may carry a secret (``--dec-key 00ff...``); argparse would
+    print it back in its error message.
+    """
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            shown = []
+            for arg in extras:
+                name = arg.split("=", 1)[0] + ("=..." if "=" in arg else "")
+                shown.append(name if arg.startswith("-") else "...")
+            hint = _KEY_HINT if any("key" in a.lower() for a in shown) else ""
+            self.error(f"unrecognized arguments: {' '.join(shown)} (values not shown){hint}")
+        return ns
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _run_checked(args: argparse.Namespace) -> int:
+    from torchaux.cli.keys import KeySourceError
+
+    try:
+        return int(args.func(args))
+    except (KeySourceError, ImportError) as exc:
+        print(f"torchaux {args.command}: error: {_first_line(exc)}", file=sys.stderr)
+        return 2
+    except _FAILURES as exc:
+        print(f"torchaux {args.command}: error: {_first_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from torchaux.cli.inspect import run_inspect
+
+    return run_inspect(args)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from torchaux.cli.verify import run_verify
+
+    return run_verify(args)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from torchaux.cli.convert import run_convert
+
+    return run_convert(args)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dec-key-file", metavar="PATH",
+        help="decryption key: 16/24/32 raw bytes, or 32/48/64 hex digits (+ newline); the file "
+        "must be private (chmod 600). Default: $TORCHAUX_DEC_KEY (hex). The mode is read "
+        "from the file",
+    )
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None,
+        help="progress bar on stderr (default: only on a terminal, for files >= 64 MiB)",
+    )
+
+
+def _add_checkpoint_commands(sub: Any) -> None:
+    from torchaux.checkpoint.secure_save import ENC_MODES, FORMATS
+
+    inspect = sub.add_parser(
+        "inspect", allow_abbrev=False,
+        help="show a checkpoint's format, encryption, CRC and entries",
+        description="Show a checkpoint's format, encryption, CRC and a table of entries "
+        "(name, dtype, shape, bytes). An encrypted file shows only its envelope unless its "
+        "key is given.",
+    )
+    inspect.add_argument("file", metavar="FILE")
+    _common(inspect)
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(func=_inspect, checked=True)
+
+    verify = sub.add_parser(
+        "verify", allow_abbrev=False,
+        help="exit 0 only if a checkpoint is complete and intact",
+        description="Decrypt and authenticate every chunk (encrypted files), check every CRC "
+        "the file records and parse it. Exit status: 0 intact, 1 not (reason on stderr), 2 "
+        "usage error (including an encrypted file without a key).",
+    )
+    verify.add_argument("file", metavar="FILE")
+    _common(verify)
+    verify.add_argument("--require-crc", action="store_true",
+                        help="also fail if the file records no CRC")
+    verify.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    verify.set_defaults(func=_verify, checked=True)
+
+    convert = sub.add_parser(
+        "convert", allow_abbrev=False,
+        help="rewrite a checkpoint as ckpt or safetensors, re-encrypting as asked",
+        description="Load SRC (decrypting and checking it) and write DST atomically in "
+        "--format, encrypted if an encryption key is given, with a CRC unless --no-crc.",
+    )
+    convert.add_argument("src", metavar="SRC")
+    convert.add_argument("dst", metavar="DST")
+    convert.add_argument("--format", required=True, choices=FORMATS, help="format of DST")
+    _common(convert)
+    convert.add_argument(
+        "--enc-key-file", metavar="PATH",
+        help="encrypt DST with this key (same file rules as --dec-key-file). "
+        "Default: $TORCHAUX_ENC_KEY (hex); neither: DST is not encrypted",
+    )
+    convert.add_argument("--enc-mode", choices=ENC_MODES,
+                         help="encryption mode of DST (default AES-GCM; needs a key)")
+    convert.add_argument("--no-crc", action="store_true", help="write DST without a CRC")
+    convert.add_argument("--force", action="store_true", help="replace an existing DST")
+    convert.set_defaults(func=_convert, checked=True)
 
 
 def _bench(args: argparse.Namespace) -> int:
     from torchaux.cli.bench import BenchConfig, run_bench
     from torchaux.cli.bench_report import format_table, write_json, write_plot
 
+    from torchaux.cli.bench_secure import SECURE_DEFAULT_METHODS
+
+    # --secure: a 1 GiB state (issue #3's bar) with a lighter step, fewer saves.
+    profile = _SECURE_PROFILE if args.secure else _PLAIN_PROFILE
     cfg = BenchConfig(
-        size_mib=args.size_mib,
-        steps=args.steps,
-        every=args.every,
-        batch=args.batch,
+        size_mib=args.size_mib or profile["size_mib"],
+        steps=args.steps or profile["steps"],
+        every=args.every or profile["every"],
+        batch=args.batch or profile["batch"],
         directory=args.dir,
         device=args.device,
-        methods=tuple(args.method) if args.method else tuple(METHODS),
+        methods=tuple(args.method) if args.method
+        else (SECURE_DEFAULT_METHODS if args.secure else tuple(METHODS)),
         seed=args.seed,
+        writer_probe=args.secure,
     )
     log = (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)) if args.verbose else (
         lambda _m: None
@@ -35,38 +180,52 @@ def _bench(args: argparse.Namespace) -> int:
         write_plot(results, args.plot)
     # Exit 1 if torchaux (or the torch.save control) wrote a file that does not
     # match its step; other methods' tearing is what the table reports.
-    ours = [r for r in results["methods"] if r["method"].startswith(("torchaux", "torch.save"))
-            and r["method"] != "torch.save (thread)"]
+    ours = [r for r in results["methods"]
+            if r["method"] not in ("torch.save (thread)", "dcp.async_save")]
     return 0 if all(r["all_consistent"] and r["exact_at_call"] for r in ours) else 1
+
+
+_PLAIN_PROFILE = {"size_mib": 256, "steps": 20, "every": 5, "batch": 128}
+_SECURE_PROFILE = {"size_mib": 1024, "steps": 8, "every": 4, "batch": 16}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    parser = argparse.ArgumentParser(prog="torchaux", description=__doc__)
+    parser = _Parser(prog="torchaux", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser(
         "bench",
         help="checkpoint a small training run with torch.save, DCP and torchaux, side by side",
     )
-    bench.add_argument("--size-mib", type=int, default=256, help="training state size (MiB)")
-    bench.add_argument("--steps", type=int, default=24, help="training steps per method")
-    bench.add_argument("--every", type=int, default=6, help="save every N steps")
-    bench.add_argument("--batch", type=int, default=32, help="batch size")
+    bench.add_argument("--secure", action="store_true",
+                       help="compare encrypted+CRC save_checkpoint modes with save_async "
+                            "(1 GiB state) and probe cipher throughput")
+    bench.add_argument("--size-mib", type=int, default=None,
+                       help="training state size in MiB (default 256; --secure: 1024)")
+    bench.add_argument("--steps", type=int, default=None,
+                       help="training steps per method (default 20; --secure: 8)")
+    bench.add_argument("--every", type=int, default=None,
+                       help="save every N steps, so the disk keeps up (default 5; --secure: 4)")
+    bench.add_argument("--batch", type=int, default=None,
+                       help="batch size, i.e. compute per step (default 128; --secure: 16)")
     bench.add_argument("--dir", default=None, help="directory for checkpoints (default: temp)")
     bench.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    bench.add_argument("--method", action="append", choices=list(METHODS),
+    bench.add_argument("--method", action="append", choices=[*METHODS, *SECURE_METHODS],
                        help="run only this method (repeatable)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", help="also write results as JSON to this path")
     bench.add_argument("--plot", help="also write a PNG bar chart to this path")
     bench.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
     bench.set_defaults(func=_bench)
+    _add_checkpoint_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``torchaux`` console script."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "checked", False):
+        return _run_checked(args)
     try:
         return int(args.func(args))
     except (ValueError, ImportError) as exc:
