@@ -52,7 +52,7 @@ class BenchConfig:
     """What `torchaux bench` runs (all fields are CLI options)."""
 
     size_mib: int = 256
-    steps: int = 20
+    steps: int = 30
     every: int = 5
     batch: int = 128
     directory: str | None = None

@@ -185,7 +185,7 @@ def _bench(args: argparse.Namespace) -> int:
     return 0 if all(r["all_consistent"] and r["exact_at_call"] for r in ours) else 1
 
 
-_PLAIN_PROFILE = {"size_mib": 256, "steps": 20, "every": 5, "batch": 128}
+_PLAIN_PROFILE = {"size_mib": 256, "steps": 30, "every": 5, "batch": 128}
 _SECURE_PROFILE = {"size_mib": 1024, "steps": 8, "every": 4, "batch": 16}
 
 
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size-mib", type=int, default=None,
                        help="training state size in MiB (default 256; --secure: 1024)")
     bench.add_argument("--steps", type=int, default=None,
-                       help="training steps per method (default 20; --secure: 8)")
+                       help="training steps per method (default 30; --secure: 8)")
     bench.add_argument("--every", type=int, default=None,
                        help="save every N steps, so the disk keeps up (default 5; --secure: 4)")
     bench.add_argument("--batch", type=int, default=None,
