@@ -41,10 +41,14 @@ def content_crc(members: Iterable[tuple[str, int, int]]) -> int:
     return crc
 
 
+_EOCD = b"PK\x05\x06"
+_EOCD_SIZE = 22
+
+
 def _open(source: IO[bytes] | bytes, path: str) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source)
-    except zipfile.BadZipFile as exc:
+    except Exception as exc:  # zipfile raises many types on damage; all mean "damaged"
         raise IntegrityError(
             f"{path}: expected a torch.save zip archive, found a damaged or truncated file "
             f"({exc}); restore it from another copy"
@@ -67,8 +71,36 @@ def verify_zip_crc(source: IO[bytes] | bytes, path: str = "<checkpoint>") -> boo
     Raises:
         IntegrityError: a member's bytes or the member list do not match.
     """
+    if isinstance(source, bytes):
+        # Our archives end with an end-of-central-directory record without a
+        # comment; anything after it (or a comment) was appended later, which
+        # zipfile and torch.load would silently ignore.
+        tail = source[-_EOCD_SIZE:]
+        if len(source) < _EOCD_SIZE or tail[:4] != _EOCD or tail[-2:] != b"\0\0":
+            raise IntegrityError(
+                f"{path}: expected the archive to end with its end-of-directory record, found "
+                "extra bytes after it (appended data); the file was modified after saving"
+            )
+    try:
+        return _verify(source, path)
+    except IntegrityError:
+        raise
+    except Exception as exc:  # a damaged archive can fail zipfile in many ways
+        raise IntegrityError(
+            f"{path}: damaged archive ({type(exc).__name__}: {exc}); restore it from another copy"
+        ) from exc
+
+
+def _verify(source: IO[bytes] | bytes, path: str) -> bool:
     with _open(source, path) as z:
         infos = z.infolist()
+        if infos and infos[0].header_offset != 0:
+            # zipfile shifts offsets when bytes precede the archive it found at
+            # the end, e.g. a second archive appended to the first.
+            raise IntegrityError(
+                f"{path}: expected the archive to start at byte 0, found "
+                f"{infos[0].header_offset} bytes before it; the file was modified after saving"
+            )
         members = []
         stored: str | None = None
         for info in infos:
@@ -78,7 +110,7 @@ def verify_zip_crc(source: IO[bytes] | bytes, path: str = "<checkpoint>") -> boo
                     while chunk := f.read(_READ_CHUNK):
                         if info.filename.endswith("/" + CRC_MEMBER):
                             data += chunk
-            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            except Exception as exc:  # BadZipFile, zlib.error, EOFError, ...
                 raise IntegrityError(
                     f"{path}: member {info.filename!r} fails its CRC-32 check ({exc}); the "
                     "file is damaged, restore it from another copy"

@@ -19,6 +19,7 @@ exits.  Linux only (it maps segments through ``/dev/shm``).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import mmap
 import multiprocessing as mp
 import os
@@ -182,19 +183,31 @@ class ProcessSaver(AsyncSaver):
                 snap.tensor_index,
             )
             conn = self._child()
-            conn.send(job)
             try:
+                conn.send(job)
                 status, value = conn.recv()
-            except EOFError:
+            except (EOFError, OSError) as exc:  # BrokenPipe/ConnectionReset: child is gone
+                self._forget_child()  # the next save starts a fresh one
                 raise RuntimeError(
                     "the checkpoint writer process died (killed, or out of memory) before "
-                    "finishing; the previous file at the target is intact"
-                ) from None
+                    "finishing; the previous file at the target is intact; the next save "
+                    "starts a new writer process"
+                ) from exc
             if status == "error":
                 raise value
             return value
 
         return super().submit(snapshot, in_child, target)
+
+    def _forget_child(self) -> None:
+        with self._proc_lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            if self._proc is not None:
+                self._proc.kill()
+                self._proc.join()
+                self._proc = None
 
     def close(self, timeout: float | None = None) -> None:
         try:
@@ -202,7 +215,9 @@ class ProcessSaver(AsyncSaver):
         finally:
             with self._proc_lock:
                 if self._conn is not None:
-                    self._conn.send(None)
+                    # A dead child cannot be asked to stop; it is reaped below.
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError, OSError):
+                        self._conn.send(None)
                     self._conn.close()
                     self._conn = None
                 if self._proc is not None:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 import warnings
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,7 +22,12 @@ import torch
 
 from torchaux.checkpoint import integrity
 from torchaux.checkpoint.crypto_header import MAGIC as _ENC_MAGIC
-from torchaux.checkpoint.secure_save import APPEND_METADATA_KEY, FORMATS
+from torchaux.checkpoint.secure_save import (
+    APPEND_METADATA_KEY,
+    FORMATS,
+    HEADER_CRC_KEY,
+    header_crc,
+)
 from torchaux.errors import DecryptionError, IntegrityError
 
 __all__ = ["load_checkpoint", "load_param_into_net", "detect_format"]
@@ -102,9 +105,9 @@ def _load_ckpt(data: bytes, path: str, crc_check: bool, map_location: Any) -> di
         )
     try:
         obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        if isinstance(exc, IntegrityError):
-            raise
+    except IntegrityError:
+        raise
+    except Exception as exc:  # a damaged pickle or zip fails torch.load in many ways
         raise IntegrityError(
             f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); the file is "
             "damaged, truncated or not a weights-only torch.save file"
@@ -122,6 +125,12 @@ def _load_safetensors(data: bytes, path: str, crc_check: bool, map_location: Any
 
     tensors, metadata = read_safetensors(data)
     if crc_check:
+        stored = metadata.get(HEADER_CRC_KEY)
+        if stored is not None and stored != header_crc(tensors, metadata):
+            raise IntegrityError(
+                f"{path}: the header CRC does not match: names, dtypes, shapes or metadata "
+                "were changed after saving"
+            )
         ok = verify_crc(tensors, metadata)
         if ok is False:
             raise IntegrityError(

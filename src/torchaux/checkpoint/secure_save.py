@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import pickle
+import zlib
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
@@ -32,12 +33,34 @@ from torchaux.checkpoint.formats.torch_save import archive_name_for, write_torch
 from torchaux.checkpoint.named import Value, check_append_dict, collect_named
 from torchaux.checkpoint.saver import AsyncSaver, SaveHandle, default_saver
 
-__all__ = ["save_checkpoint", "WriteSpec", "FORMATS", "ENC_MODES", "APPEND_METADATA_KEY"]
+__all__ = [
+    "save_checkpoint", "WriteSpec", "header_crc", "FORMATS", "ENC_MODES",
+    "APPEND_METADATA_KEY", "HEADER_CRC_KEY",
+]
 
 FORMATS = ("ckpt", "safetensors")
 ENC_MODES = ("AES-GCM", "AES-CBC", "SM4-CBC")
 #: safetensors metadata key holding non-tensor entries as JSON (types preserved).
 APPEND_METADATA_KEY = "torchaux.values"
+#: safetensors metadata key: CRC-32 of names, dtypes, shapes and other metadata.
+#: MindSpore's ``crc_num`` covers only names and tensor bytes, so a changed
+#: dtype or value in the header would still pass; this closes that gap.
+HEADER_CRC_KEY = "torchaux.header_crc32"
+
+
+def header_crc(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """CRC-32 (8 hex digits) of tensor names/dtypes/shapes and the other metadata.
+
+    The CRC entries themselves are left out, so reader and writer agree.
+
+    >>> header_crc({"w": torch.zeros(2)}, {"format": "pt"})
+    '0a683a29'
+    """
+    doc = {
+        "tensors": sorted([k, str(v.dtype), list(v.shape)] for k, v in tensors.items()),
+        "metadata": {k: v for k, v in metadata.items() if k not in (HEADER_CRC_KEY, "crc_num")},
+    }
+    return f"{zlib.crc32(json.dumps(doc, sort_keys=True).encode()):08x}"
 _ASYNC = {False: None, True: "thread", "thread": "thread", "process": "process"}
 _KWARGS = {"remove_redundancy", "file_mode", "saver"}
 _DEFAULT_FILE_MODE = 0o600
@@ -99,7 +122,7 @@ def _check_encryption(enc_key: object, enc_mode: object) -> None:
 
 
 def _safetensors_parts(
-    named: Mapping[str, Value], redundancy: bool | None
+    named: Mapping[str, Value], redundancy: bool | None, crc_check: bool
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from torchaux.checkpoint.formats.safetensors import (
         check_safetensors_dtypes,
@@ -114,6 +137,8 @@ def _safetensors_parts(
         metadata[APPEND_METADATA_KEY] = json.dumps(values, sort_keys=True)
     if redundancy is not None:
         metadata["remove_redundancy"] = str(redundancy)
+    if crc_check:
+        metadata[HEADER_CRC_KEY] = header_crc(tensors, metadata)
     check_safetensors_metadata(metadata)
     return tensors, metadata
 
@@ -221,14 +246,19 @@ def save_checkpoint(
     path = _check_target(ckpt_file_name, "save_checkpoint")
     assert path is not None  # a str/PathLike target always yields a path
     if format == "safetensors":
-        tensors, metadata = _safetensors_parts(named, redundancy)
+        tensors, metadata = _safetensors_parts(named, redundancy, crc_check)
         obj: dict[str, Any] = tensors
         names = list(tensors)
     else:
         obj, metadata, names = dict(named), {}, []
     if mode == "process":
-        from torchaux.checkpoint.process_saver import default_process_saver
+        from torchaux.checkpoint.process_saver import ProcessSaver, default_process_saver
 
+        if saver is not None and not isinstance(saver, ProcessSaver):
+            raise ValueError(
+                "async_save='process' needs a ProcessSaver (or no saver=); got a thread "
+                f"{type(saver).__name__}, which would silently write on a thread"
+            )
         saver = saver or default_process_saver()
     saver = saver or default_saver()
     sink = saver.sink
