@@ -62,7 +62,7 @@ def format_table(results: dict[str, Any]) -> str:
                 f"durable speed x{r['durable_speed_vs_plain_async']:.2f}"
             )
     if results.get("writer_probe"):
-        parts += ["", "writer only (no training), save_checkpoint + CRC:"]
+        parts += ["", "writer only (no training, no fsync), save_checkpoint + CRC:"]
         for p in results["writer_probe"]:
             parts.append(
                 f"  {p['mode']:<8} {p['seconds']:6.2f}s  {p['gb_per_s']:5.2f} GB/s  "
