@@ -30,7 +30,10 @@ from torchaux.checkpoint.secure_save import (
 )
 from torchaux.errors import DecryptionError, IntegrityError
 
-__all__ = ["load_checkpoint", "load_param_into_net", "detect_format"]
+__all__ = [
+    "load_checkpoint", "load_param_into_net", "detect_format", "torch_entries",
+    "safetensors_entries", "verify_safetensors_crcs",
+]
 
 _ZIP_MAGIC = b"PK\x03\x04"
 
@@ -97,19 +100,16 @@ def _read_plain(path: str, dec_key: bytes | None, dec_mode: str | None) -> bytes
         return out.getvalue()
 
 
-def _load_ckpt(data: bytes, path: str, crc_check: bool, map_location: Any) -> dict[str, Any]:
-    if crc_check and not integrity.verify_zip_crc(data, path):
-        warnings.warn(
-            f"{path} has no content CRC (saved without crc_check); its member CRCs were "
-            "verified instead", stacklevel=3,
-        )
+def torch_entries(data: bytes, path: str, map_location: Any = "cpu") -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of a save_checkpoint ``.ckpt``; damage -> IntegrityError."""
     try:
         obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except IntegrityError:
         raise
     except Exception as exc:  # a damaged pickle or zip fails torch.load in many ways
+        first = (str(exc).strip().splitlines() or [""])[0]  # torch's messages run on
         raise IntegrityError(
-            f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); the file is "
+            f"{path}: not a readable checkpoint ({type(exc).__name__}: {first}); the file is "
             "damaged, truncated or not a weights-only torch.save file"
         ) from exc
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
@@ -120,31 +120,63 @@ def _load_ckpt(data: bytes, path: str, crc_check: bool, map_location: Any) -> di
     return obj
 
 
-def _load_safetensors(data: bytes, path: str, crc_check: bool, map_location: Any) -> dict[str, Any]:
-    from torchaux.checkpoint.formats.safetensors import read_safetensors, verify_crc
+def verify_safetensors_crcs(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str
+) -> bool | None:
+    """Check the header CRC and ``crc_num`` a safetensors file records.
 
-    tensors, metadata = read_safetensors(data)
-    if crc_check:
-        stored = metadata.get(HEADER_CRC_KEY)
-        if stored is not None and stored != header_crc(tensors, metadata):
-            raise IntegrityError(
-                f"{path}: the header CRC does not match: names, dtypes, shapes or metadata "
-                "were changed after saving"
-            )
-        ok = verify_crc(tensors, metadata)
-        if ok is False:
-            raise IntegrityError(
-                f"{path}: the crc check failed: the tensors do not match the recorded crc_num; "
-                "the file is damaged"
-            )
-        if ok is None:
-            warnings.warn(f"{path} records no crc_num; nothing to check", stacklevel=3)
+    Returns:
+        True if ``crc_num`` was present and matched, None if the file records none.
+
+    Raises:
+        IntegrityError: either CRC does not match.
+    """
+    from torchaux.checkpoint.formats.safetensors import verify_crc
+
+    stored = metadata.get(HEADER_CRC_KEY)
+    if stored is not None and stored != header_crc(tensors, metadata):
+        raise IntegrityError(
+            f"{path}: the header CRC does not match: names, dtypes, shapes or metadata "
+            "were changed after saving"
+        )
+    ok = verify_crc(tensors, metadata)
+    if ok is False:
+        raise IntegrityError(
+            f"{path}: the crc check failed: the tensors do not match the recorded crc_num; "
+            "the file is damaged"
+        )
+    return ok
+
+
+def safetensors_entries(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str
+) -> dict[str, Any]:
+    """Tensors plus the typed non-tensor values ``save_checkpoint`` kept in the metadata."""
     out: dict[str, Any] = dict(tensors)
     if APPEND_METADATA_KEY in metadata:
         try:
             out.update(json.loads(metadata[APPEND_METADATA_KEY]))
         except json.JSONDecodeError as exc:
             raise IntegrityError(f"{path}: damaged '{APPEND_METADATA_KEY}' metadata") from exc
+    return out
+
+
+def _load_ckpt(data: bytes, path: str, crc_check: bool, map_location: Any) -> dict[str, Any]:
+    if crc_check and not integrity.verify_zip_crc(data, path):
+        warnings.warn(
+            f"{path} has no content CRC (saved without crc_check); its member CRCs were "
+            "verified instead", stacklevel=3,
+        )
+    return torch_entries(data, path, map_location)
+
+
+def _load_safetensors(data: bytes, path: str, crc_check: bool, map_location: Any) -> dict[str, Any]:
+    from torchaux.checkpoint.formats.safetensors import read_safetensors
+
+    tensors, metadata = read_safetensors(data)
+    if crc_check and verify_safetensors_crcs(tensors, metadata, path) is None:
+        warnings.warn(f"{path} records no crc_num; nothing to check", stacklevel=3)
+    out = safetensors_entries(tensors, metadata, path)
     if map_location is not None and map_location != "cpu":
         out = {k: v.to(map_location) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
     return out

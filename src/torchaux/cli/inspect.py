@@ -21,17 +21,19 @@ import argparse
 import io
 import json
 import os
-import pickle
 import stat
-import zipfile
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from torchaux.checkpoint import integrity
-from torchaux.checkpoint.secure_load import detect_format
-from torchaux.checkpoint.secure_save import APPEND_METADATA_KEY
+from torchaux.checkpoint.secure_load import (
+    detect_format,
+    safetensors_entries,
+    torch_entries,
+    verify_safetensors_crcs,
+)
 from torchaux.cli.keys import DEC_KEY_ENV, Key, KeySourceError, load_key
 from torchaux.cli.progress import Progress, ProgressReader, progress_enabled
 from torchaux.errors import IntegrityError
@@ -170,24 +172,6 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _torch_load(data: bytes, path: str) -> dict[str, Any]:
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except IntegrityError:
-        raise
-    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise IntegrityError(
-            f"{path}: not a readable weights-only torch.save file "
-            f"({type(exc).__name__}: {_first_line(exc)})"
-        ) from exc
-    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
-        raise IntegrityError(
-            f"{path}: expected a dict of name -> value (what save_checkpoint writes), "
-            f"found {type(obj).__name__}"
-        )
-    return obj
-
-
 def load_contents(data: bytes, path: str, *, check_crc: bool = False) -> Contents:
     """Parse plaintext bytes; with ``check_crc`` also verify every CRC the file records.
 
@@ -199,24 +183,13 @@ def load_contents(data: bytes, path: str, *, check_crc: bool = False) -> Content
         raise IntegrityError(f"{path}: the decrypted content is itself encrypted; not a checkpoint")
     if found == "ckpt":
         crc = integrity.verify_zip_crc(data, path) if check_crc else integrity.has_content_crc(data)
-        return Contents("ckpt", _torch_load(data, path), None, crc)
-    from torchaux.checkpoint.formats.safetensors import (
-        CRC_METADATA_KEY,
-        read_safetensors,
-        verify_crc,
-    )
+        return Contents("ckpt", torch_entries(data, path), None, crc)
+    from torchaux.checkpoint.formats.safetensors import CRC_METADATA_KEY, read_safetensors
 
     tensors, metadata = read_safetensors(data)
-    if check_crc and verify_crc(tensors, metadata) is False:
-        raise IntegrityError(
-            f"{path}: the tensors do not match the recorded {CRC_METADATA_KEY}; the file is damaged"
-        )
-    entries: dict[str, Any] = dict(tensors)
-    if APPEND_METADATA_KEY in metadata:
-        try:
-            entries.update(json.loads(metadata[APPEND_METADATA_KEY]))
-        except (json.JSONDecodeError, TypeError, ValueError) as exc:
-            raise IntegrityError(f"{path}: damaged {APPEND_METADATA_KEY!r} metadata") from exc
+    if check_crc:
+        verify_safetensors_crcs(tensors, metadata, path)
+    entries = safetensors_entries(tensors, metadata, path)
     return Contents("safetensors", entries, metadata, CRC_METADATA_KEY in metadata)
 
 

@@ -23,7 +23,7 @@ import ctypes
 import json
 import struct
 import sys
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import IO, Any
 
