@@ -167,11 +167,6 @@ def read_plaintext(envelope: Envelope, key: Key | None, bar: Progress) -> bytes:
         return out.getvalue()
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def load_contents(data: bytes, path: str, *, check_crc: bool = False) -> Contents:
     """Parse plaintext bytes; with ``check_crc`` also verify every CRC the file records.
 
