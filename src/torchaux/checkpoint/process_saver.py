@@ -19,6 +19,7 @@ exits.  Linux only (it maps segments through ``/dev/shm``).
 from __future__ import annotations
 
 import atexit
+import logging
 import contextlib
 import mmap
 import multiprocessing as mp
@@ -244,4 +245,10 @@ def _close_all() -> None:
     # Registered after saver.py's flush hook, so it runs first (LIFO): pending
     # process saves finish, then children stop and segments are unlinked.
     for saver in list(_process_savers):
-        saver.close()
+        try:
+            saver.close()
+        except BaseException as exc:  # noqa: BLE001 - nothing left to raise to at exit
+            logging.getLogger("torchaux").error(
+                "torchaux: a checkpoint save in a writer process failed and was never waited for",
+                exc_info=exc,
+            )
