@@ -714,3 +714,37 @@ def test_decrypting_memory_is_bounded(tmp_path: Path, workers: int) -> None:
             tracemalloc.stop()
     assert n == sink.n == total
     assert peak < _bound(workers, chunk), f"peak {peak / chunk:.1f} chunks"
+
+
+def test_stable_buffers_round_trip_and_return_before_sealing() -> None:
+    """With stable_buffers, write() returns before whole chunks are sealed and output still decrypts."""
+    import threading
+
+    from torchaux.checkpoint import crypto_chunks
+
+    data = bytes(range(256)) * 4096  # 1 MiB = 16 chunks of 64 KiB
+    gate = threading.Event()
+    sealed: list[int] = []
+    real_seal = crypto_chunks._CbcHmacCipher.seal
+
+    def slow_seal(self, index, *args, **kwargs):  # type: ignore[no-untyped-def]
+        gate.wait(30)
+        sealed.append(index)
+        return real_seal(self, index, *args, **kwargs)
+
+    buf = io.BytesIO()
+    crypto_chunks._CbcHmacCipher.seal = slow_seal  # type: ignore[method-assign]
+    try:
+        w = EncryptingWriter(buf, bytes(32), "AES-CBC", chunk_size=64 << 10, workers=2,
+                             stable_buffers=True)
+        w.write(memoryview(data)[: 2 * (64 << 10)])  # two whole chunks: must not block
+        assert sealed == []
+        gate.set()
+        w.write(memoryview(data)[2 * (64 << 10):])
+        w.close()
+        assert sorted(sealed) == list(range(17))  # 16 whole chunks + the empty final one
+    finally:
+        crypto_chunks._CbcHmacCipher.seal = real_seal  # type: ignore[method-assign]
+    out = io.BytesIO()
+    decrypt_stream(io.BytesIO(buf.getvalue()), out, bytes(32))
+    assert out.getvalue() == data

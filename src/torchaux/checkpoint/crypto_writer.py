@@ -71,6 +71,10 @@ class EncryptingWriter:
         chunk_size: plaintext bytes per chunk, a multiple of 16.
         workers: encryption threads; ``None``: 1 for AES-GCM (one core already
             outruns storage), else one per core (at most 8).
+        stable_buffers: promise that no buffer passed to :meth:`write` changes
+            or is freed before :meth:`finish`/:meth:`close` returns; whole
+            chunks are then sealed from it without waiting in ``write``, so
+            the cipher threads never starve (staged checkpoints qualify).
 
     Raises:
         TypeError, ValueError: bad key, mode, chunk size or worker count
@@ -96,8 +100,15 @@ class EncryptingWriter:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         workers: int | None = None,
+        stable_buffers: bool = False,
     ) -> None:
         _header.validate_key(key, mode)
+        # The caller promises not to change any buffer passed to write() until
+        # finish()/close() returns (true for staged checkpoint buffers), so whole
+        # chunks are sealed straight from it and write() returns without waiting:
+        # the cipher threads always have queued work, which is what lets the CBC
+        # modes use every core (a file-like write() must otherwise wait).
+        self._stable = stable_buffers
         self._chunk = _check_chunk_size(chunk_size)
         n_workers = check_workers(workers) or default_workers(_header.MODES[mode].aead)
         header = _header.new_header(key, mode, self._chunk)
@@ -164,7 +175,11 @@ class EncryptingWriter:
             pos = min(size - self._filled, n)
             self._copy(view[:pos])
         borrowed: list[Future[Any]] = []
-        if (n - pos) // size >= self._pipeline.workers:
+        if self._stable:
+            while n - pos >= size:
+                self._submit(view[pos : pos + size], False, None)
+                pos += size
+        elif (n - pos) // size >= self._pipeline.workers:
             # Enough whole chunks to occupy every worker: seal them straight
             # from the caller's buffer (no copy), and return once they are sealed.
             while n - pos >= size:

@@ -173,10 +173,12 @@ class WriteSpec:
             else:
                 from torchaux.checkpoint.crypto import EncryptingWriter
 
+                # Staged buffers stay unchanged until the write ends (the snapshot
+                # is released only afterwards), so the cipher may read them lazily.
                 with EncryptingWriter(
                     out, self.enc_key, self.enc_mode,
                     chunk_size=_knobs.encryption_chunk_bytes(),
-                    workers=_knobs.encryption_workers(),
+                    workers=_knobs.encryption_workers(), stable_buffers=True,
                 ) as enc:
                     self._write_plain(snap, enc)  # type: ignore[arg-type]
         return self.path
