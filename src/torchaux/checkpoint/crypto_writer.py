@@ -247,12 +247,10 @@ class EncryptingWriter:
         self._check_open()
         try:
             self._seal_pending(final=True)
-            while self._pipeline:
-                self._write_oldest()
-            self._raw.flush()
         except BaseException as exc:
             self._fail(exc)
             raise
+        self.flush()  # writes every sealed chunk; fails the writer on error
         self._state = "finished"
         self._release()
 
