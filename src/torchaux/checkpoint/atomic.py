@@ -4,7 +4,8 @@ The durability order is fixed and tested (tests/checkpoint/test_atomic.py):
 
 1. create a temp file beside the target (same directory, so the rename cannot
    cross file systems), named ``.<name>.torchaux-tmp-<pid>-<token>``;
-2. write all bytes into it;
+2. write all bytes into it (with ``O_DIRECT`` where possible, so a checkpoint
+   does not pass through the page cache: :mod:`.direct_io`);
 3. ``flush`` + ``fsync`` the temp file (data reaches the disk);
 4. ``os.replace(temp, target)`` (atomic on POSIX and Windows: readers see the
    old file or the new one, never a mix);
@@ -27,6 +28,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from torchaux import _knobs
+from torchaux.checkpoint.direct_io import DirectFile, enable_direct_io
 
 __all__ = ["atomic_write", "temp_path_for", "remove_stale_temps", "TEMP_MARKER"]
 
@@ -42,6 +44,21 @@ def temp_path_for(path: str) -> str:
     """
     directory, name = os.path.split(os.path.abspath(path))
     return os.path.join(directory, f".{name}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+@contextlib.contextmanager
+def _open_writer(fd: int) -> Iterator[BinaryIO | DirectFile]:
+    """A file object over ``fd`` (closed on exit): direct I/O if on and possible, else buffered."""
+    try:
+        if _knobs.direct_io_enabled() and enable_direct_io(fd):
+            with DirectFile(fd, buffer_bytes=_knobs.direct_io_buffer_bytes()) as direct:
+                yield direct
+            return
+        buffering = _knobs.write_buffer_bytes()
+        with io.open(fd, "wb", buffering=buffering if buffering > 0 else 0, closefd=False) as f:
+            yield f
+    finally:
+        os.close(fd)
 
 
 def _fsync_directory(directory: str) -> None:
@@ -90,19 +107,20 @@ def atomic_write(
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     fd = os.open(tmp, flags, 0o600 if mode is not None else 0o666)
     try:
-        if mode is not None:
-            os.chmod(fd, mode)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                # Overwriting in place (torch.save) keeps the file's permissions;
-                # a replaced file must keep them too (e.g. a 0o600 checkpoint).
-                os.chmod(fd, stat.S_IMODE(os.stat(target).st_mode))
-        buffering = _knobs.write_buffer_bytes()
-        with io.open(fd, "wb", buffering=buffering if buffering > 0 else 0, closefd=True) as f:
+        with _open_writer(fd) as f:  # owns fd from here on
+            if mode is not None:
+                os.chmod(fd, mode)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    # Overwriting in place (torch.save) keeps the file's permissions;
+                    # a replaced file must keep them too (e.g. a 0o600 checkpoint).
+                    os.chmod(fd, stat.S_IMODE(os.stat(target).st_mode))
             yield f  # type: ignore[misc]
             f.flush()
+            if isinstance(f, DirectFile):
+                f.finish()
             if do_fsync:
-                os.fsync(f.fileno())
+                os.fsync(fd)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
