@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import os
 import random
 import struct
 import threading
@@ -748,3 +749,31 @@ def test_stable_buffers_round_trip_and_return_before_sealing() -> None:
     out = io.BytesIO()
     decrypt_stream(io.BytesIO(buf.getvalue()), out, bytes(32))
     assert out.getvalue() == data
+
+
+# -- sealing straight into a DirectFile's buffer -------------------------------
+
+
+@pytest.mark.parametrize("mode", list(KEY_SIZES))
+@pytest.mark.parametrize("chunk", [4096, 16 << 10])
+def test_in_place_sealing_into_direct_file(tmp_path: Path, mode: str, chunk: int) -> None:
+    """One worker seals into DirectFile.reserve()d memory; records too big for a buffer go aside."""
+    from torchaux.checkpoint.direct_io import DirectFile, enable_direct_io
+
+    data, key = _data(10 * chunk + 333), _key(16)
+    path = tmp_path / "enc.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        enable_direct_io(fd)
+        raw = DirectFile(fd, buffer_bytes=8192)  # 16 KiB chunks do not fit: the fallback
+        reserved: list[int] = []
+        real = raw.reserve
+        raw.reserve = lambda n: (reserved.append(n), real(n))[1]  # type: ignore[method-assign]
+        with EncryptingWriter(raw, key, mode, chunk_size=chunk, workers=1) as writer:
+            for piece in _odd_pieces(data):
+                writer.write(piece)
+        raw.finish()
+    finally:
+        os.close(fd)
+    assert len(reserved) == 11  # every chunk went through reserve, the final one too
+    assert _decrypt(path.read_bytes(), key, mode) == data

@@ -251,3 +251,40 @@ def test_env_knob_is_read(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatc
     """TORCHAUX_DIRECT_IO in the environment switches the path."""
     monkeypatch.setenv("TORCHAUX_DIRECT_IO", "0")
     assert _writer_kind(tmp_path) == "BufferedWriter"
+
+
+# -- reserve / commit (producers that write into the aligned buffer) ---------
+def test_reserve_commit_carries_unaligned_tails_across_buffers(fd_path: tuple[int, pathlib.Path]) -> None:
+    """Records reserved in place, mixed with writes, come out in order even when they do not tile a buffer."""
+    fd, path = fd_path
+    _direct_fd(fd)
+    f = DirectFile(fd, buffer_bytes=BUFFER)
+    expected = bytearray()
+    for i in range(40):
+        size = (i * 977) % (BUFFER - ALIGNMENT) + 1
+        view = f.reserve(size)
+        assert view is not None and len(view) == size
+        piece = _payload(size + i)[i:]
+        view[:] = piece
+        view.release()
+        f.commit(size)
+        expected += piece
+        if i % 3 == 0:
+            f.write(b"w" * (i + 1))
+            expected += b"w" * (i + 1)
+    f.finish()
+    assert path.read_bytes() == bytes(expected)
+
+
+def test_reserve_refuses_what_cannot_fit_and_commit_checks_bounds(fd_path: tuple[int, pathlib.Path]) -> None:
+    """Too large a reservation returns None; committing more than reserved is a ValueError."""
+    fd, _ = fd_path
+    f = DirectFile(fd, buffer_bytes=BUFFER)
+    assert f.reserve(BUFFER) is None
+    view = f.reserve(10)
+    assert view is not None
+    view.release()
+    with pytest.raises(ValueError, match="exceeds"):
+        f.commit(11)
+    f.commit(10)
+    f.finish()

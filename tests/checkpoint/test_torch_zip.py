@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+import zlib
 
 import pytest
 import torch
@@ -153,3 +154,36 @@ def test_zip64_layout_matches_torch_save(tmp_path: os.PathLike[str]) -> None:
     loaded = torch.load(out_path, weights_only=True, mmap=True)
     assert loaded["big"].numel() == 4_300_000_000 and int(loaded["big"][-1]) == 7
     assert torch.equal(loaded["c"], torch.arange(5.0))
+
+
+def test_large_member_crc_from_the_concurrent_thread_is_right() -> None:
+    """A member above the concurrent-CRC threshold gets zlib's CRC of its bytes; zipfile agrees."""
+    from torchaux.checkpoint.formats import torch_zip
+
+    size = torch_zip._CONCURRENT_CRC_BYTES + 12345
+    data = os.urandom(size)
+    out = io.BytesIO()
+    w = TorchZipWriter(out)
+    w.write_record("big", memoryview(data))
+    w.write_record("small", b"abc")
+    w.finish()
+    assert [crc for _, crc, _ in w.members()] == [zlib.crc32(data), zlib.crc32(b"abc")]
+    assert zipfile.ZipFile(io.BytesIO(out.getvalue())).testzip() is None
+
+
+def test_failed_write_joins_the_crc_thread_before_raising() -> None:
+    """A write error mid-member leaves no CRC thread reading the buffer afterwards."""
+    import threading
+
+    from torchaux.checkpoint.formats import torch_zip
+
+    class Failing(io.BytesIO):
+        def write(self, data: object) -> int:
+            if self.tell() > 1000:
+                raise OSError("disk full")
+            return super().write(data)  # type: ignore[arg-type]
+
+    w = TorchZipWriter(Failing())
+    with pytest.raises(OSError, match="disk full"):
+        w.write_record("big", memoryview(bytes(torch_zip._CONCURRENT_CRC_BYTES * 3)))
+    assert not [t for t in threading.enumerate() if t.name == "torchaux-crc32"]

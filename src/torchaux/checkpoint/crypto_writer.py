@@ -14,9 +14,13 @@ from typing import IO, Any
 
 from torchaux.checkpoint import crypto_header as _header
 from torchaux.checkpoint.crypto_chunks import cipher_for
-from torchaux.checkpoint.crypto_pipeline import OrderedPipeline, check_workers, default_workers
+from torchaux.checkpoint.crypto_pipeline import (
+    OrderedPipeline,
+    check_workers,
+    default_workers,
+)
 
-__all__ = ["EncryptingWriter", "DEFAULT_CHUNK_SIZE", "write_all"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "EncryptingWriter", "write_all"]
 
 #: Plaintext bytes per chunk.  4 MiB makes the per-chunk cost (48-80 bytes of
 #: tag/IV, a cipher context, a thread hand-off: microseconds) negligible next
@@ -122,6 +126,12 @@ class EncryptingWriter:
         self._spare_records: list[bytearray] = []
         self._spare_plain: list[bytearray] = []
         self._pipeline = OrderedPipeline(n_workers)
+        # One worker seals inline anyway; if raw lends its own buffer
+        # (DirectFile.reserve), seal into it and skip copying every record.
+        self._seal_in_place = (
+            n_workers == 1
+            and callable(getattr(raw, "reserve", None)) and callable(getattr(raw, "commit", None))
+        )
         try:
             write_all(raw, memoryview(header.raw))
         except BaseException as exc:
@@ -211,6 +221,8 @@ class EncryptingWriter:
     def _submit(self, src: memoryview, final: bool, owned: bytearray | None) -> Future[Any]:
         while self._pipeline.full():
             self._write_oldest()
+        if self._seal_in_place:
+            return self._seal_into_raw(src, final)
         out = self._spare_records.pop() if self._spare_records else None
         if out is None:
             out = bytearray(self._cipher.full_record)
@@ -219,6 +231,28 @@ class EncryptingWriter:
         return self._pipeline.submit(
             self._cipher.seal, index, final, src, out, iv, context=(out, owned)
         )
+
+    def _seal_into_raw(self, src: memoryview, final: bool) -> Future[Any]:
+        """Seal one chunk on this thread straight into ``raw``'s buffer (no record copy)."""
+        record = self._cipher.record_size(len(src))
+        iv = _header.random_bytes(self._cipher.iv_size) if self._cipher.iv_size else b""
+        out = self._raw.reserve(record)  # type: ignore[attr-defined]
+        if out is None:  # does not fit one buffer: seal aside and write
+            buffer = bytearray(record)
+            out = memoryview(buffer)
+            size = self._cipher.seal(self._next_index(), final, src, buffer, iv)
+            write_all(self._raw, out[:size])
+        else:
+            with out:
+                size = self._cipher.seal(self._next_index(), final, src, out, iv)  # type: ignore[arg-type]
+            self._raw.commit(size)  # type: ignore[attr-defined]
+        done: Future[Any] = Future()
+        done.set_result(size)
+        return done
+
+    def _next_index(self) -> int:
+        index, self._index = self._index, self._index + 1
+        return index
 
     def _write_oldest(self) -> None:
         size, (out, owned) = self._pipeline.pop()

@@ -31,7 +31,7 @@ import queue
 import threading
 from types import TracebackType
 
-__all__ = ["DirectFile", "enable_direct_io", "ALIGNMENT"]
+__all__ = ["ALIGNMENT", "DirectFile", "enable_direct_io"]
 
 #: Alignment of buffers, lengths and offsets.  Logical block sizes are 512 or
 #: 4096 bytes (open(2), "O_DIRECT": "typically 4096 bytes"); 4096 suits both.
@@ -108,8 +108,9 @@ class DirectFile:
         self._current: mmap.mmap | None = None
         self._view: memoryview | None = None
         self._fill = 0
+        self._reserved = 0
         self._direct = True
-        self._todo: queue.Queue[mmap.mmap | None] = queue.Queue(_QUEUE_DEPTH)
+        self._todo: queue.Queue[tuple[mmap.mmap, int] | None] = queue.Queue(_QUEUE_DEPTH)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._state = "open"
@@ -155,6 +156,31 @@ class DirectFile:
             if self._fill == self._size:
                 self._hand_off()
         return n
+
+    def reserve(self, n: int) -> memoryview | None:
+        """A writable view of the file's next ``n`` bytes, to fill and then :meth:`commit`.
+
+        Lets a producer (the AES-GCM encryptor) write straight into the
+        aligned buffer instead of into its own and then copying.  ``None`` if
+        ``n`` cannot fit in one buffer; use :meth:`write` then.
+        """
+        self._check()
+        if n > self._size - ALIGNMENT:
+            return None
+        if self._view is None:
+            self._take_buffer()
+        elif self._size - self._fill < n:
+            self._hand_off()
+        assert self._view is not None
+        self._reserved = n
+        return self._view[self._fill : self._fill + n]
+
+    def commit(self, n: int) -> None:
+        """Count the first ``n`` bytes of the last :meth:`reserve` as written."""
+        if not 0 <= n <= self._reserved:
+            raise ValueError(f"commit({n}) exceeds the {self._reserved} bytes reserved")
+        self._fill += n
+        self._reserved = 0
 
     def flush(self) -> None:
         """Raise a background failure, if any (a partial block stays buffered until finish)."""
@@ -220,23 +246,32 @@ class DirectFile:
         self._current, self._view, self._fill = buf, memoryview(buf), 0
 
     def _hand_off(self) -> None:
+        """Queue the current buffer's aligned bytes; carry the rest (< 4 KiB) to a new buffer."""
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._run, name="torchaux-direct-io", daemon=True
             )
             self._thread.start()
         assert self._current is not None and self._view is not None
+        aligned = self._fill - self._fill % ALIGNMENT
+        tail = bytes(self._view[aligned : self._fill])
         self._view.release()
-        self._todo.put(self._current)
+        self._todo.put((self._current, aligned))
         self._current, self._view, self._fill = None, None, 0
         self._check()
+        if tail:
+            self._take_buffer()
+            assert self._view is not None
+            self._view[: len(tail)] = tail
+            self._fill = len(tail)
 
     def _run(self) -> None:
-        while (buf := self._todo.get()) is not None:
+        while (item := self._todo.get()) is not None:
+            buf, n = item
             if self._error is None:  # after a failure, only recycle buffers
                 try:
                     with memoryview(buf) as view:
-                        self._write(view)
+                        self._write(view[:n])
                 except BaseException as exc:  # noqa: BLE001 - raised by the producer's next call
                     self._error = exc
             self._free.put(buf)
@@ -265,6 +300,6 @@ class DirectFile:
         if self._view is not None:
             self._view.release()
         self._current, self._view = None, None
-        for buf in self._buffers:
-            buf.close()
+        # Dropped, not closed: a failed write's traceback may still hold a view
+        # of one (mmap.close would raise BufferError); memory goes with the last reference.
         self._buffers.clear()

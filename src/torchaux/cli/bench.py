@@ -193,6 +193,10 @@ def _train(
     return time.perf_counter() - start, model, optimizer
 
 
+def _method_dir(root: str, name: str) -> str:
+    return os.path.join(root, name.replace(" ", "_").replace("(", "").replace(")", ""))
+
+
 def run_one(cfg: BenchConfig, name: str | None, root: str,
             reference: dict[int, list[tuple[str, int]]]) -> dict[str, Any]:
     """Train once with method ``name`` (``None``: no saves) and measure it.
@@ -204,7 +208,7 @@ def run_one(cfg: BenchConfig, name: str | None, root: str,
     device = _resolve_device(cfg.device)
     method: Method | None = None
     if name is not None:
-        directory = os.path.join(root, name.replace(" ", "_").replace("(", "").replace(")", ""))
+        directory = _method_dir(root, name)
         os.makedirs(directory, exist_ok=True)
         method = {**METHODS, **SECURE_METHODS}[name](directory)
     stalls: list[float] = []
@@ -355,6 +359,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _m: None) ->
         for name in cfg.methods:
             log(f"running {name}")
             r = _in_child(cfg, name, root, reference)
+            # The child has verified its files; delete them now, so their page
+            # cache and blocks do not burden the methods measured after it.
+            shutil.rmtree(_method_dir(root, name), ignore_errors=True)
+            os.sync()
             r["loop_overhead_per_save_s"] = (r["loop_s"] - baseline["loop_s"]) / r["saves"]
             r["peak_extra_rss_mib"] -= baseline["peak_extra_rss_mib"]
             results.append(r)

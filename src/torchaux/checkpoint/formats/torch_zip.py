@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import IO
@@ -60,6 +61,34 @@ _EOCD64_NEEDED = 0x002D
 # Chunk for CRC + write: large enough to amortise calls, small enough that the
 # CRC of one chunk is still in cache when it is written.
 _CHUNK = 16 << 20
+
+
+# Members from this size on get their CRC computed on a second thread (a thread
+# start costs ~0.1 ms; 8 MiB of CRC-32 takes ~2 ms at zlib's ~4 GB/s).
+_CONCURRENT_CRC_BYTES = 8 << 20
+
+
+class _ConcurrentCrc:
+    """``zlib.crc32(view)`` on its own thread (zlib releases the GIL); :meth:`result` joins."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._value = 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="torchaux-crc32", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = zlib.crc32(self._view)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by result() on the writer
+            self._error = exc
+
+    def result(self) -> int:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def storage_view(storage: torch.UntypedStorage) -> memoryview:
@@ -161,11 +190,19 @@ class TorchZipWriter:
         )
         self._write(header + full + extra)
         crc = 0
-        for i in range(0, size, _CHUNK):
-            chunk = view[i : i + _CHUNK]
-            if self._crc:
-                crc = zlib.crc32(chunk, crc)
-            self._write(chunk)
+        # The CRC only goes into the data descriptor, after the data, so a large
+        # member's CRC runs on a second thread while this one writes (copies or
+        # encrypts) the same bytes: the two passes overlap instead of adding up.
+        concurrent = _ConcurrentCrc(view) if self._crc and size >= _CONCURRENT_CRC_BYTES else None
+        try:
+            for i in range(0, size, _CHUNK):
+                chunk = view[i : i + _CHUNK]
+                if self._crc and concurrent is None:
+                    crc = zlib.crc32(chunk, crc)
+                self._write(chunk)
+        finally:
+            if concurrent is not None:  # never leave a thread reading a buffer we give back
+                crc = concurrent.result()
         if size:
             if zip64:
                 self._write(struct.pack("<IIQQ", _DESCRIPTOR_SIG, crc, size, size))
