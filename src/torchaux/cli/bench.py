@@ -6,9 +6,9 @@ same synthetic batches), saving every ``every`` steps.  Per method it reports:
 * stall per save: time the training thread is blocked (inside the save call,
   waiting for back-pressure, or in ``model=`` fences); first save separately,
   steady state as the median of the others;
-* loop overhead per save: extra wall time of the whole loop against a loop
-  without saves measured in the same run (includes CPU contention from
-  background writers);
+* loop overhead per save: extra wall time of the whole loop against the mean
+  of two loops without saves run just before and just after it in the same
+  process (includes CPU contention from background writers);
 * time until durable: from the save call until the bytes are fsynced;
 * peak extra RSS over the loop;
 * consistency: every file equals the state at its step, checked against
@@ -220,6 +220,12 @@ def run_one(cfg: BenchConfig, name: str | None, root: str,
         stalls.append(time.perf_counter() - start)
         method.after_save()
 
+    paired: list[float] = []
+    if method is not None:
+        # A loop without saves right before the measured one (and another right
+        # after): the overhead is taken against their mean, in this process, so
+        # the host's drift between processes minutes apart cancels out.
+        paired.append(_train(cfg, device, None)[0])
     fences_before = fence_blocked_seconds()
     with _RssSampler() as rss:
         loop_s, model, optimizer = _train(
@@ -230,11 +236,13 @@ def run_one(cfg: BenchConfig, name: str | None, root: str,
     result: dict[str, Any] = {
         "method": name,
         "loop_s": loop_s,
+        "paired_baseline_s": paired,
         "peak_extra_rss_mib": (rss.peak - rss.base) / _MIB,
     }
     if method is None:
         return result
     fence_s = fence_blocked_seconds() - fences_before
+    paired.append(_train(cfg, device, None)[0])
     exact_at_call = _probe_immediate_step(cfg, method, model, optimizer)
     method.close()
     saves = len(stalls)
@@ -363,7 +371,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _m: None) ->
             # cache and blocks do not burden the methods measured after it.
             shutil.rmtree(_method_dir(root, name), ignore_errors=True)
             os.sync()
-            r["loop_overhead_per_save_s"] = (r["loop_s"] - baseline["loop_s"]) / r["saves"]
+            r["loop_overhead_per_save_s"] = (
+                r["loop_s"] - statistics.fmean(r["paired_baseline_s"])
+            ) / r["saves"]
             r["peak_extra_rss_mib"] -= baseline["peak_extra_rss_mib"]
             results.append(r)
     finally:

@@ -46,7 +46,8 @@ def format_table(results: dict[str, Any]) -> str:
     )
     notes = (
         "stall: training thread blocked per save (steady state = median after the first);\n"
-        "loop +/save: extra loop wall time per save vs the no-save loop (includes CPU contention);\n"
+        "loop +/save: extra loop wall time per save vs no-save loops run just before and after\n"
+        "  in the same process (includes CPU contention);\n"
         "durable: call -> bytes fsynced; consistent: files equal to the state at their step;\n"
         "exact@call: a save followed at once by optimizer.step() holds the pre-step state;\n"
         "peak +RSS: growth over the RSS after the first step, minus the no-save loop's growth."
@@ -62,11 +63,12 @@ def format_table(results: dict[str, Any]) -> str:
                 f"durable speed x{r['durable_speed_vs_plain_async']:.2f}"
             )
     if results.get("writer_probe"):
-        parts += ["", "writer only (no training, no fsync), save_checkpoint + CRC:"]
+        parts += ["", "writer only (no training; durable saves, median of 3), save_checkpoint + CRC:"]
+        plain_s = next(p["seconds"] for p in results["writer_probe"] if p["mode"] == "plain")
         for p in results["writer_probe"]:
             parts.append(
                 f"  {p['mode']:<8} {p['seconds']:6.2f}s  {p['gb_per_s']:5.2f} GB/s  "
-                f"cores busy {p['cpu_per_wall']:.2f}"
+                f"cores busy {p['cpu_per_wall']:.2f}  durable speed x{plain_s / p['seconds']:.2f}"
             )
     return "\n".join(parts)
 

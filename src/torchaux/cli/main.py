@@ -186,7 +186,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 _PLAIN_PROFILE = {"size_mib": 256, "steps": 30, "every": 5, "batch": 128}
-_SECURE_PROFILE = {"size_mib": 1024, "steps": 24, "every": 6, "batch": 16}
+_SECURE_PROFILE = {"size_mib": 1024, "steps": 24, "every": 4, "batch": 16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=None,
                        help="training steps per method (default 30; --secure: 24)")
     bench.add_argument("--every", type=int, default=None,
-                       help="save every N steps, so the disk keeps up (default 5; --secure: 6)")
+                       help="save every N steps, so the disk keeps up (default 5; --secure: 4)")
     bench.add_argument("--batch", type=int, default=None,
                        help="batch size, i.e. compute per step (default 128; --secure: 16)")
     bench.add_argument("--dir", default=None, help="directory for checkpoints (default: temp)")
