@@ -288,3 +288,39 @@ def test_reserve_refuses_what_cannot_fit_and_commit_checks_bounds(fd_path: tuple
         f.commit(11)
     f.commit(10)
     f.finish()
+
+
+def test_buffers_of_a_finished_file_serve_the_next_one(tmp_path: pathlib.Path) -> None:
+    """A clean finish leaves its buffers for the next file; at most one file's worth is kept."""
+    size = 3 * ALIGNMENT  # a size no other test uses, so the spare list starts empty
+    direct_io._spare.pop(size, None)
+    made: list[list[int]] = []
+    for name in ("a", "b"):
+        fd = os.open(tmp_path / name, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            f = DirectFile(fd, buffer_bytes=size)
+            f.write(b"q" * (10 * size))
+            made.append([id(b) for b in f._buffers])
+            f.finish()
+        finally:
+            os.close(fd)
+    assert sorted(made[0]) == sorted(made[1])
+    assert len(direct_io._spare[size]) == direct_io._QUEUE_DEPTH + 1
+    assert (tmp_path / "b").read_bytes() == b"q" * (10 * size)
+
+
+def test_buffers_of_a_failed_file_are_not_reused(
+    fd_path: tuple[int, pathlib.Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a background failure the buffers are dropped (a traceback may still view them)."""
+    size = 5 * ALIGNMENT
+    direct_io._spare.pop(size, None)
+    fd, _ = fd_path
+    monkeypatch.setattr(direct_io, "_write_all", _failing_write_all(0, errno.EIO))
+    f = DirectFile(fd, buffer_bytes=size)
+    with pytest.raises(OSError):
+        for _ in range(10):
+            f.write(b"x" * size)
+        f.finish()
+    f.abort()
+    assert not direct_io._spare.get(size)

@@ -187,3 +187,30 @@ def test_failed_write_joins_the_crc_thread_before_raising() -> None:
     with pytest.raises(OSError, match="disk full"):
         w.write_record("big", memoryview(bytes(torch_zip._CONCURRENT_CRC_BYTES * 3)))
     assert not [t for t in threading.enumerate() if t.name == "torchaux-crc32"]
+
+
+def test_short_writes_of_a_raw_file_are_completed() -> None:
+    """A raw stream that takes at most 1000 bytes per call still receives every byte."""
+    from torchaux.checkpoint.formats import torch_zip
+
+    class Trickle(io.BytesIO):
+        def write(self, data: object) -> int:
+            return super().write(memoryview(data).cast("B")[:1000])  # type: ignore[arg-type]
+
+    data = os.urandom(torch_zip._CONCURRENT_CRC_BYTES + 5000)
+    out = Trickle()
+    w = TorchZipWriter(out)
+    w.write_record("big", memoryview(data))
+    w.finish()
+    assert zipfile.ZipFile(io.BytesIO(out.getvalue())).read("archive/big") == data
+
+
+def test_a_stream_that_writes_nothing_is_an_error() -> None:
+    """write() returning 0 would loop forever; it raises OSError instead."""
+
+    class Stuck(io.BytesIO):
+        def write(self, data: object) -> int:
+            return 0
+
+    with pytest.raises(OSError, match="returned 0"):
+        TorchZipWriter(Stuck()).write_record("x", b"abc")

@@ -222,7 +222,10 @@ class EncryptingWriter:
         while self._pipeline.full():
             self._write_oldest()
         if self._seal_in_place:
-            return self._seal_into_raw(src, final)
+            done = self._seal_into_raw(src, final)
+            if owned is not None:  # sealed already: its plaintext buffer is free
+                self._spare_plain.append(owned)
+            return done
         out = self._spare_records.pop() if self._spare_records else None
         if out is None:
             out = bytearray(self._cipher.full_record)

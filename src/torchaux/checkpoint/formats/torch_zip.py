@@ -160,10 +160,18 @@ class TorchZipWriter:
         self._finished = False
 
     def _write(self, data: bytes | memoryview) -> None:
-        n = self._f.write(data)
-        if n is not None and n != len(data):
-            raise OSError(f"short write: {n} of {len(data)} bytes")
-        self._pos += len(data)
+        # Raw (unbuffered) files may write less than asked, e.g. at most
+        # 0x7ffff000 bytes per call on Linux (write(2) NOTES); loop until done.
+        view = memoryview(data).cast("B")
+        total = len(view)
+        while view:
+            n = self._f.write(view)
+            if n is None:  # buffered and text-like objects write everything
+                break
+            if n <= 0:
+                raise OSError(f"write returned {n} with {len(view)} bytes left to write")
+            view = view[n:]
+        self._pos += total
 
     def write_record(self, name: str, data: bytes | memoryview) -> None:
         """Append one member ``<archive>/<name>`` holding ``data``."""
@@ -195,9 +203,13 @@ class TorchZipWriter:
         # encrypts) the same bytes: the two passes overlap instead of adding up.
         concurrent = _ConcurrentCrc(view) if self._crc and size >= _CONCURRENT_CRC_BYTES else None
         try:
-            for i in range(0, size, _CHUNK):
+            if concurrent is not None:
+                # One call: a consumer that cuts its own chunks (the encrypting
+                # writer) then splits a partial chunk once per member, not per piece.
+                self._write(view)
+            for i in range(0, size if concurrent is None else 0, _CHUNK):
                 chunk = view[i : i + _CHUNK]
-                if self._crc and concurrent is None:
+                if self._crc:
                     crc = zlib.crc32(chunk, crc)
                 self._write(chunk)
         finally:
