@@ -63,12 +63,13 @@ def format_table(results: dict[str, Any]) -> str:
                 f"durable speed x{r['durable_speed_vs_plain_async']:.2f}"
             )
     if results.get("writer_probe"):
-        parts += ["", "writer only (no training; durable saves, median of 3), save_checkpoint + CRC:"]
+        parts += ["", "writer only (no training), save_checkpoint + CRC, medians of 3:",
+                  "  mode     until durable  throughput  durable speed  cores busy (no fsync)"]
         plain_s = next(p["seconds"] for p in results["writer_probe"] if p["mode"] == "plain")
         for p in results["writer_probe"]:
             parts.append(
-                f"  {p['mode']:<8} {p['seconds']:6.2f}s  {p['gb_per_s']:5.2f} GB/s  "
-                f"cores busy {p['cpu_per_wall']:.2f}  durable speed x{plain_s / p['seconds']:.2f}"
+                f"  {p['mode']:<8} {p['seconds']:12.2f}s  {p['gb_per_s']:6.2f} GB/s  "
+                f"{'x' + format(plain_s / p['seconds'], '.2f'):>13}  {p['cpu_per_wall']:10.2f}"
             )
     return "\n".join(parts)
 

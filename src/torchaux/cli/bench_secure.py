@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from torchaux import _knobs
 from torchaux.checkpoint.saver import AsyncSaver
 from torchaux.checkpoint.secure_load import load_checkpoint
 from torchaux.checkpoint.secure_save import save_checkpoint
@@ -85,13 +86,13 @@ SECURE_DEFAULT_METHODS = ("torchaux.save_async", *SECURE_METHODS)
 def writer_probe(size_mib: int, directory: str, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Save a ``size_mib`` state per mode, nothing else running; time the writer.
 
-    Each mode saves once to warm the staging pool, then three times more; the
-    median of those three is reported.  Every save goes to a new path, as
-    step-numbered checkpoints do: replacing one file repeatedly would also
-    time the file system freeing the previous copy's blocks (ext4 with
-    ``discard`` trims them during the next write).  Saves are durable (fsync
-    on): with direct I/O the final fsync has almost nothing left to flush, so
-    it no longer dilutes "cores busy" (process CPU seconds per wall second).
+    Per mode: one save to warm the staging pool, three with fsync off for
+    "cores busy" (process CPU seconds per wall second; waiting for the disk
+    would dilute it), and three durable ones for the time until durable;
+    medians are reported.  Every save goes to a new path, as step-numbered
+    checkpoints do (replacing one file repeatedly would also time the file
+    system freeing the previous copy's blocks), and the files of a mode are
+    deleted, and ``os.sync()`` run, before the next mode starts.
     """
     n = size_mib * (1 << 20) // 4 // 8
     state = {f"w{i}": torch.randn(n) for i in range(8)}
@@ -100,25 +101,29 @@ def writer_probe(size_mib: int, directory: str, log: Callable[[str], None]) -> l
         log(f"writer probe: {mode or 'plain'}")
         saver = AsyncSaver(name="probe-writer")
         key = BENCH_KEY[: _MODES[mode]] if mode else None
-        paths = [os.path.join(directory, f"probe-{mode or 'plain'}-{i}.ckpt") for i in range(4)]
-        runs = []
+        paths = [os.path.join(directory, f"probe-{mode or 'plain'}-{i}.ckpt") for i in range(7)]
+        runs: list[tuple[float, float]] = []
         try:
-            for path in paths:
-                wall0, cpu0 = time.perf_counter(), time.process_time()
-                save_checkpoint(state, path, crc_check=True, enc_key=key,
-                                enc_mode=mode or "AES-GCM", saver=saver)
-                wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+            for i, path in enumerate(paths):
+                with _knobs.override(fsync=int(i == 0 or i > 3)):
+                    wall0, cpu0 = time.perf_counter(), time.process_time()
+                    save_checkpoint(state, path, crc_check=True, enc_key=key,
+                                    enc_mode=mode or "AES-GCM", saver=saver)
+                    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
                 runs.append((wall, cpu / wall))
         finally:
             saver.close()
             for path in paths:
                 if os.path.exists(path):
                     os.unlink(path)
-        wall, cores = sorted(runs[1:])[1]  # median of the three after the warm-up
+            os.sync()
+        fast_s, cores = sorted(runs[1:4])[1]  # medians: fsync off ...
+        durable_s = sorted(w for w, _ in runs[4:])[1]  # ... and on
         rows.append({
             "mode": mode or "plain",
-            "seconds": wall,
-            "gb_per_s": size_mib * (1 << 20) / wall / 1e9,
+            "seconds": durable_s,
+            "gb_per_s": size_mib * (1 << 20) / durable_s / 1e9,
+            "no_fsync_seconds": fast_s,
             "cpu_per_wall": cores,
         })
     return rows
