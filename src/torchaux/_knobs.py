@@ -31,11 +31,11 @@ _DEFAULTS: dict[str, int] = {
     # records bypass it; it only batches the small header records.
     "write_buffer_bytes": 1 << 20,
     # 1: write checkpoint files with O_DIRECT where the file system allows it
-    # (direct_io.py: 2-5x faster to durable and far less CPU than the page
-    # cache on the benchmark VM); 0: ordinary buffered writes.
+    # (4x faster to durable on an eighth of the CPU of the page cache on the
+    # benchmark VM, docs/benchmarks.md §4); 0: ordinary buffered writes.
     "direct_io": 1,
     # Bytes per aligned buffer of a direct-I/O file (three at most per file).
-    # 16 MiB: 8 MiB measured slower, 32 MiB no faster (docs/benchmarks.md).
+    # 16 MiB: 8 MiB measured slower, 32 MiB no faster (docs/benchmarks.md §4).
     "direct_io_buffer_bytes": 16 << 20,
     # Plaintext bytes per encrypted chunk (crypto_writer.py explains the choice:
     # per-chunk cost is negligible at 4 MiB, 16 MiB starves the CBC thread pool).

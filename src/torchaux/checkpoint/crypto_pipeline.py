@@ -21,8 +21,8 @@ __all__ = ["OrderedPipeline", "default_workers", "check_workers", "THREAD_NAME_P
 
 #: Name prefix of the worker threads (visible in debuggers and py-spy dumps).
 THREAD_NAME_PREFIX = "torchaux-crypto"
-# Upper bound of the default worker count.  Knob wanted in _knobs.py:
-# "encryption_workers" (0 = this default).  Eight cores of AES-CBC (~0.75 GB/s
+# Upper bound of the default worker count (``TORCHAUX_ENCRYPTION_WORKERS``
+# overrides the count, _knobs.py).  Eight cores of AES-CBC (~0.75 GB/s
 # each, measured) already outrun most disks; more threads only buffer more.
 _MAX_DEFAULT_WORKERS = 8
 

@@ -25,7 +25,7 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "EncryptingWriter", "write_all"]
 #: Plaintext bytes per chunk.  4 MiB makes the per-chunk cost (48-80 bytes of
 #: tag/IV, a cipher context, a thread hand-off: microseconds) negligible next
 #: to the 3-50 ms a chunk takes to seal, while 2 x workers chunks in flight
-#: stay a few tens of MiB.  Knob wanted in _knobs.py: "encryption_chunk_bytes".
+#: stay a few tens of MiB.  Saves take theirs from ``TORCHAUX_ENCRYPTION_CHUNK_BYTES``.
 DEFAULT_CHUNK_SIZE = 4 << 20
 
 

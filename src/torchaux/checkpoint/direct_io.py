@@ -3,10 +3,10 @@
 A checkpoint is written once and read rarely, so copying it into the page
 cache buys nothing and costs a lot: the copy itself, a page fault for every
 new cache page, dirty-page throttling, and an fsync that must then push the
-whole file out.  Measured on the 2-core VM of docs/benchmarks.md (1 GiB,
-write + fsync, three runs): buffered 0.38-1.12 GB/s on 0.6-2.5 s of CPU;
-``O_DIRECT`` from 32 MiB aligned buffers with a write-behind thread
-1.75-2.12 GB/s on 0.2-0.4 s of CPU.  DeepSpeed's FastPersist makes the same
+whole file out.  Measured on the 2-core VM of docs/benchmarks.md §4 (1 GiB,
+write + fsync, ``python -m torchaux.cli.bench_io``): buffered 0.71 GB/s on
+1.27 s of CPU; ``O_DIRECT`` from 16 MiB aligned buffers with a write-behind
+thread 2.95 GB/s on 0.16 s of CPU.  DeepSpeed's FastPersist makes the same
 choice for checkpoints on NVMe.
 
 :class:`DirectFile` is a write-only file object: ``write`` copies into

@@ -224,7 +224,11 @@ def run_one(cfg: BenchConfig, name: str | None, root: str,
     if method is not None:
         # A loop without saves right before the measured one (and another right
         # after): the overhead is taken against their mean, in this process, so
-        # the host's drift between processes minutes apart cancels out.
+        # the host's drift between processes minutes apart cancels out.  A short
+        # untimed loop first: a process's first model and optimizer state land in
+        # fresh memory, later ones in memory the allocator recycled, which ran
+        # up to 30% slower here; every timed loop then starts from the latter.
+        _train(dataclasses.replace(cfg, steps=2, every=2), device, None)
         paired.append(_train(cfg, device, None)[0])
     fences_before = fence_blocked_seconds()
     with _RssSampler() as rss:
