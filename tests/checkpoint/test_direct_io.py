@@ -105,6 +105,14 @@ def _failing_write_all(after: int, err: int) -> Callable[[int, memoryview], None
     return write_all
 
 
+def _write_until_it_fails(f: DirectFile, size: int) -> None:
+    """Ten full buffers and a finish: an injected write failure must surface as OSError."""
+    with pytest.raises(OSError):
+        for _ in range(10):
+            f.write(b"x" * size)
+        f.finish()
+
+
 def test_background_failure_reaches_the_next_call(
     fd_path: tuple[int, pathlib.Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -149,11 +157,7 @@ def test_einval_after_data_was_written_is_raised(
     fd, _ = fd_path
     _direct_fd(fd)
     monkeypatch.setattr(direct_io, "_write_all", _failing_write_all(1, errno.EINVAL))
-    f = DirectFile(fd, buffer_bytes=BUFFER)
-    with pytest.raises(OSError):
-        for _ in range(10):
-            f.write(b"x" * BUFFER)
-        f.finish()
+    _write_until_it_fails(DirectFile(fd, buffer_bytes=BUFFER), BUFFER)
 
 
 def test_write_after_finish_or_abort_is_refused(fd_path: tuple[int, pathlib.Path]) -> None:
@@ -318,9 +322,6 @@ def test_buffers_of_a_failed_file_are_not_reused(
     fd, _ = fd_path
     monkeypatch.setattr(direct_io, "_write_all", _failing_write_all(0, errno.EIO))
     f = DirectFile(fd, buffer_bytes=size)
-    with pytest.raises(OSError):
-        for _ in range(10):
-            f.write(b"x" * size)
-        f.finish()
+    _write_until_it_fails(f, size)
     f.abort()
     assert not direct_io._spare.get(size)
