@@ -17,7 +17,6 @@ same synthetic batches), saving every ``every`` steps.  Per method it reports:
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import os
@@ -26,15 +25,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import zlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from torchaux.checkpoint.staging import fence_blocked_seconds
+from torchaux.cli.bench_measure import RssSampler, fingerprint
 from torchaux.cli.bench_methods import METHODS, Method
 from torchaux.cli.bench_secure import SECURE_METHODS, writer_probe
 
@@ -106,62 +104,6 @@ def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
     return {"model": model.state_dict(), "optim": optimizer.state_dict()}
 
 
-def _fingerprint(state: dict[str, Any]) -> list[tuple[str, int]]:
-    """CRC-32 of every tensor's bytes, in a fixed order (for equality checks only)."""
-    out: list[tuple[str, int]] = []
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            data = value.detach().cpu().contiguous().view(-1).view(torch.uint8)
-            # A zero-copy byte view of the CPU tensor (no numpy dependency);
-            # `data` stays referenced while the view is read.
-            view = (ctypes.c_char * data.numel()).from_address(data.data_ptr())
-            out.append((prefix, zlib.crc32(memoryview(view)) if data.numel() else 0))
-        elif isinstance(value, dict):
-            for k in sorted(value, key=str):
-                walk(f"{prefix}.{k}", value[k])
-        elif isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                walk(f"{prefix}.{i}", v)
-
-    walk("", state)
-    return sorted(out)  # flat ("a.b") and nested ({"a": {"b"}}) states compare equal
-
-
-class _RssSampler:
-    """Peak resident set size during a block, sampled every millisecond or so."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self.rss())
-
-    def rebase(self) -> None:
-        """Measure growth from now on (after the training state exists)."""
-        self.base = self.rss()
-        self.peak = self.base
-
-    def __enter__(self) -> _RssSampler:
-        self.base = self.rss()
-        self.peak = self.base
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-
 def _train(
     cfg: BenchConfig,
     device: torch.device,
@@ -231,7 +173,7 @@ def run_one(cfg: BenchConfig, name: str | None, root: str,
         _train(dataclasses.replace(cfg, steps=2, every=2), device, None)
         paired.append(_train(cfg, device, None)[0])
     fences_before = fence_blocked_seconds()
-    with _RssSampler() as rss:
+    with RssSampler() as rss:
         loop_s, model, optimizer = _train(
             cfg, device, on_save if method else None, after_first_step=rss.rebase
         )
@@ -253,7 +195,7 @@ def run_one(cfg: BenchConfig, name: str | None, root: str,
     # Fence waits happen inside the following training steps; spread them evenly.
     stalls = [s + fence_s / saves for s in stalls]
     consistent = [
-        _fingerprint(method.load(step, lambda: _template(cfg))) == reference[step]
+        fingerprint(method.load(step, lambda: _template(cfg))) == reference[step]
         for step in sorted(method.paths) if step in reference
     ]
     durable = [method.durable_s[s] for s in sorted(method.durable_s) if s in reference]
@@ -284,12 +226,12 @@ def _probe_immediate_step(cfg: BenchConfig, method: Method, model: torch.nn.Modu
     """
     step = -1
     state = _state(model, optimizer)
-    expected = _fingerprint(state)
+    expected = fingerprint(state)
     method.save(step, state, model)
     method.after_save()
     optimizer.step()
     method.finish()
-    return _fingerprint(method.load(step, lambda: _template(cfg))) == expected
+    return fingerprint(method.load(step, lambda: _template(cfg))) == expected
 
 
 def _in_child(cfg: BenchConfig, name: str | None, root: str,
@@ -320,7 +262,7 @@ def _reference(cfg: BenchConfig, device: torch.device) -> dict[int, list[tuple[s
     prints: dict[int, list[tuple[str, int]]] = {}
 
     def on_save(step: int, state: dict[str, Any], model: torch.nn.Module) -> None:
-        prints[step] = _fingerprint(state)
+        prints[step] = fingerprint(state)
 
     _train(cfg, device, on_save)
     return prints
