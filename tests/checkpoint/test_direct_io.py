@@ -111,6 +111,7 @@ def _write_until_it_fails(f: DirectFile, size: int) -> None:
         for _ in range(10):
             f.write(b"x" * size)
         f.finish()
+    f.abort()  # stops the write-behind thread
 
 
 def test_background_failure_reaches_the_next_call(
@@ -325,3 +326,24 @@ def test_buffers_of_a_failed_file_are_not_reused(
     _write_until_it_fails(f, size)
     f.abort()
     assert not direct_io._spare.get(size)
+
+
+def test_failed_finish_leaves_no_thread_behind(
+    fd_path: tuple[int, pathlib.Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """finish() after a background failure raises and still stops the write-behind thread."""
+    import threading
+
+    fd, _ = fd_path
+    monkeypatch.setattr(direct_io, "_write_all", _failing_write_all(0, errno.EIO))
+    f = DirectFile(fd, buffer_bytes=BUFFER)
+    f.write(b"x" * BUFFER)  # hands one buffer to the thread, whose write fails
+    thread = f._thread
+    assert isinstance(thread, threading.Thread)
+    with pytest.raises(OSError, match="failed in the background"):
+        f.finish()
+    assert not thread.is_alive()
+    g = DirectFile(fd, buffer_bytes=BUFFER)
+    g.abort()
+    with pytest.raises(ValueError, match="aborted"):
+        g.finish()

@@ -211,10 +211,11 @@ class DirectFile:
         """Write everything still buffered and stop the thread; raise any write failure."""
         if self._state == "finished":
             return
-        self._check()
-        self._stop_thread()
+        if self._state != "open" and self._error is None:
+            raise ValueError(f"finish of an {self._state} DirectFile")
+        self._stop_thread()  # first: even a failed file must not leave its thread behind
         try:
-            self._check()  # a failure of the thread's last writes
+            self._check()  # a failure of the thread's writes, the last ones included
             if self._fill:
                 assert self._view is not None
                 aligned = self._fill - self._fill % ALIGNMENT
