@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import pathlib
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -152,3 +153,21 @@ def background(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]
 def still_running(fut: Future[Any], seconds: float = BLOCKED_S) -> bool:
     """True if ``fut`` has not finished after ``seconds`` (the call is blocked)."""
     return not futures_wait([fut], timeout=seconds).done
+
+
+def busy_writer(
+    make_saver: Callable[..., Any], tmp_path: pathlib.Path
+) -> tuple[Any, GatedSink, Any]:
+    """A saver (max_pending=2) whose writer thread is stuck in a first, gated save.
+
+    Returns ``(saver, sink, blocker handle)``; ``sink.release()`` lets it go on.
+    """
+    import torch
+
+    import torchaux
+
+    sink = GatedSink()
+    saver = make_saver(sink=sink, max_pending=2)
+    blocker = torchaux.save_async({"x": torch.zeros(1)}, tmp_path / "blocker.pt", saver=saver)
+    assert sink.entered.wait(WAIT_S)
+    return saver, sink, blocker

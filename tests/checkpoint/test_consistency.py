@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from compare import assert_identical, load
 from models import batch, bn_mlp, seed_mlp, train_step
-from sinks import WAIT_S, GatedSink, background, still_running
+from sinks import WAIT_S, GatedSink, background, busy_writer, still_running
 
 import torchaux
 from torchaux import AsyncSaver, SaveHandle
@@ -92,22 +92,13 @@ def test_training_loop_with_batchnorm_and_adam_saves_exact_state(saver: AsyncSav
     assert not torch.equal(expected[0]["model"]["1.running_mean"], expected[1]["model"]["1.running_mean"])
 
 
-def _busy_writer(make_saver: MakeSaver, tmp_path: pathlib.Path) -> tuple[AsyncSaver, GatedSink, SaveHandle]:
-    """A saver (max_pending=2) whose writer thread is stuck in a first, gated save."""
-    sink = GatedSink()
-    saver = make_saver(sink=sink, max_pending=2)
-    blocker = torchaux.save_async({"x": torch.zeros(1)}, tmp_path / "blocker.pt", saver=saver)
-    assert sink.entered.wait(WAIT_S)
-    return saver, sink, blocker
-
-
 def test_optimizer_step_waits_until_the_model_save_is_staged(make_saver: MakeSaver, tmp_path: pathlib.Path) -> None:
     """While a model= save is not staged, optimizer.step() in another thread blocks; the file has pre-step weights."""
     model = seed_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = batch(0)
     torch.nn.functional.cross_entropy(model(x), y).backward()  # grads ready before the save
-    saver, sink, blocker = _busy_writer(make_saver, tmp_path)
+    saver, sink, blocker = busy_writer(make_saver, tmp_path)
     expected = copy.deepcopy(model.state_dict())
     handle = torchaux.save_async(model.state_dict(), tmp_path / "m.pt", model=model, saver=saver)
     assert not handle.staged.done()  # model= returns before any copy
@@ -125,7 +116,7 @@ def test_optimizer_step_waits_until_the_model_save_is_staged(make_saver: MakeSav
 def test_forward_waits_until_model_buffers_are_staged(make_saver: MakeSaver, tmp_path: pathlib.Path) -> None:
     """A BatchNorm forward during a model= save blocks until staging; the file has pre-forward running stats."""
     model = bn_mlp()
-    saver, sink, blocker = _busy_writer(make_saver, tmp_path)
+    saver, sink, blocker = busy_writer(make_saver, tmp_path)
     expected = copy.deepcopy(model.state_dict())
     handle = torchaux.save_async(model.state_dict(), tmp_path / "m.pt", model=model, saver=saver)
     forward = background(model, batch(1)[0])
@@ -143,7 +134,7 @@ def test_eager_save_does_not_block_training(make_saver: MakeSaver, tmp_path: pat
     """Without model=, the snapshot is complete at return: forward and step run while the writer is stuck."""
     model = bn_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    saver, sink, blocker = _busy_writer(make_saver, tmp_path)
+    saver, sink, blocker = busy_writer(make_saver, tmp_path)
     expected = copy.deepcopy(model.state_dict())
     handle = torchaux.save_async(model.state_dict(), tmp_path / "m.pt", saver=saver)
     background(train_step, model, opt, 0).result(timeout=WAIT_S)  # completes with the gate closed

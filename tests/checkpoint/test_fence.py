@@ -12,10 +12,10 @@ import pytest
 import torch
 from compare import assert_identical, load
 from models import batch, bn_mlp, seed_mlp
-from sinks import WAIT_S, GatedSink, background, still_running
+from sinks import WAIT_S, background, busy_writer, still_running
 
 import torchaux
-from torchaux import AsyncSaver, SaveHandle
+from torchaux import AsyncSaver
 from torchaux.checkpoint import fence
 from torchaux.checkpoint.staging import HostBufferPool, Snapshot, stage
 
@@ -61,22 +61,13 @@ def armed() -> Iterator[Callable[[torch.nn.Module, FakeSnapshot], None]]:
         fence.disarm(model, snap)  # type: ignore[arg-type]
 
 
-def _busy_writer(make_saver: MakeSaver, tmp_path: pathlib.Path) -> tuple[AsyncSaver, GatedSink, SaveHandle]:
-    """A saver (max_pending=2) whose writer thread is stuck in a first, gated save."""
-    sink = GatedSink()
-    saver = make_saver(sink=sink, max_pending=2)
-    blocker = torchaux.save_async({"x": torch.zeros(1)}, tmp_path / "blocker.pt", saver=saver)
-    assert sink.entered.wait(WAIT_S)
-    return saver, sink, blocker
-
-
 # -- end to end -------------------------------------------------------------------------
 
 
 def test_fence_is_armed_until_the_save_is_staged(make_saver: MakeSaver, tmp_path: pathlib.Path) -> None:
     """A model= save arms one fence until staged; an eager save arms none."""
     model = seed_mlp()
-    saver, sink, blocker = _busy_writer(make_saver, tmp_path)
+    saver, sink, blocker = busy_writer(make_saver, tmp_path)
     assert fence.armed_count() == 0  # the eager blocker save armed nothing
     handle = torchaux.save_async(model.state_dict(), tmp_path / "m.pt", model=model, saver=saver)
     assert fence.armed_count() == 1
@@ -91,7 +82,7 @@ def test_model_carries_no_torchaux_hook(make_saver: MakeSaver, tmp_path: pathlib
     model = bn_mlp()
     model.register_forward_hook(_user_hook)
     before = {name: {d: len(getattr(m, d)) for d in HOOK_DICTS} for name, m in model.named_modules()}
-    saver, sink, blocker = _busy_writer(make_saver, tmp_path)
+    saver, sink, blocker = busy_writer(make_saver, tmp_path)
     handle = torchaux.save_async(model.state_dict(), tmp_path / "m.pt", model=model, saver=saver)
     assert fence.armed_count() == 1
     after = {name: {d: len(getattr(m, d)) for d in HOOK_DICTS} for name, m in model.named_modules()}
@@ -119,7 +110,7 @@ def test_optimizer_step_is_fenced_for_an_eval_model_without_backward(
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
-    saver, sink, blocker = _busy_writer(make_saver, tmp_path)
+    saver, sink, blocker = busy_writer(make_saver, tmp_path)
     expected = copy.deepcopy(model.state_dict())
     handle = torchaux.save_async(model.state_dict(), tmp_path / "m.pt", model=model, saver=saver)
     stepping = background(opt.step)
@@ -135,7 +126,7 @@ def test_optimizer_step_is_fenced_for_an_eval_model_without_backward(
 def test_other_models_are_not_fenced(make_saver: MakeSaver, tmp_path: pathlib.Path) -> None:
     """The forward of a model that is not being saved runs while another model's save is staging."""
     model, other = seed_mlp(), seed_mlp()
-    saver, sink, blocker = _busy_writer(make_saver, tmp_path)
+    saver, sink, blocker = busy_writer(make_saver, tmp_path)
     handle = torchaux.save_async(model.state_dict(), tmp_path / "m.pt", model=model, saver=saver)
     out = background(other, batch(0)[0]).result(timeout=WAIT_S)
     assert out.shape == (8, 5)
