@@ -5,13 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import sys
+from pathlib import Path
+
 import pytest
+
+# The shared helpers of tests/checkpoint (compare, models, sinks, secure_helpers) are
+# imported by name from the test modules in its sub-folders.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "checkpoint"))
 
 # Helper modules of tests/checkpoint get pytest's assertion messages too.
 pytest.register_assert_rewrite("compare", "sinks")
 
 from torchaux import AsyncSaver  # noqa: E402
-from torchaux.checkpoint import fence  # noqa: E402
+from torchaux.checkpoint.engine import fence  # noqa: E402
 
 #: Seconds a teardown waits for a saver to flush before the test errors out.
 CLOSE_TIMEOUT_S = 60.0

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
+
+import pytest
 
 import torchaux
 
@@ -20,6 +23,27 @@ _PUBLIC = {
     "set_thread_affinity", "reset_thread_affinity", "thread_affinity",
     "save_graph_tensor", "save_npugraph_tensor",
 }
+
+
+# The sorted __all__ of each public module: names may be added in review, never moved or lost.
+_PUBLIC_MODULES = {
+    "torchaux": sorted(_PUBLIC),
+    "torchaux.utils": [
+        "FlopsCounter", "get_part_combined_tensor", "is_combined_tensor_valid",
+        "npu_combine_tensors", "reset_thread_affinity", "save_async", "set_thread_affinity",
+    ],
+    "torchaux.checkpoint": ["AsyncSaver", "SaveHandle", "save_async", "wait_saves"],
+    "torchaux.training": [
+        "FlopsBreakdown", "FlopsCounter", "available_cores", "combine_tensors",
+        "cores_excluding", "get_part_combined_tensor", "get_storage_size",
+        "get_thread_affinity", "is_combined_tensor_valid", "mfu", "npu_combine_tensors",
+        "reset_thread_affinity", "save_graph_tensor", "save_npugraph_tensor",
+        "set_thread_affinity", "thread_affinity",
+    ],
+}
+
+#: Most modules one folder may hold before it should be split into packages.
+_MAX_MODULES_PER_FOLDER = 10
 
 
 def _modules() -> list[Path]:
@@ -70,3 +94,38 @@ def test_torch_npu_utils_mirror() -> None:
 
     for name in utils.__all__:
         assert getattr(utils, name) is getattr(torchaux, name)
+
+
+@pytest.mark.parametrize("module", sorted(_PUBLIC_MODULES))
+def test_public_modules_all_is_pinned(module: str) -> None:
+    """Each public module's sorted __all__ is the reviewed list, and every name resolves."""
+    mod = importlib.import_module(module)
+    assert sorted(mod.__all__) == _PUBLIC_MODULES[module]
+    assert all(hasattr(mod, name) for name in mod.__all__)
+
+
+def _folders() -> dict[Path, list[str]]:
+    folders: dict[Path, list[str]] = {}
+    for p in _modules():
+        if p.name not in ("__init__.py", "__main__.py"):
+            folders.setdefault(p.parent, []).append(p.stem)
+    return folders
+
+
+def test_no_folder_holds_more_than_ten_modules() -> None:
+    """A folder that grows past ~10 modules is split into packages named after the layers."""
+    crowded = {str(d.relative_to(_SRC)): len(m) for d, m in _folders().items()
+               if len(m) > _MAX_MODULES_PER_FOLDER}
+    assert crowded == {}
+
+
+def test_no_shared_name_prefix_where_a_package_would_do() -> None:
+    """Two sibling modules named `<prefix>_...` (or `x` and `x_...`) are a package not yet made."""
+    offenders = []
+    for folder, stems in _folders().items():
+        by_prefix: dict[str, list[str]] = {}
+        for stem in stems:
+            by_prefix.setdefault(stem.lstrip("_").split("_")[0], []).append(stem)
+        offenders += [f"{folder.relative_to(_SRC)}: {sorted(group)}"
+                      for group in by_prefix.values() if len(group) > 1]
+    assert offenders == []

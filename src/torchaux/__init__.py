@@ -1,8 +1,8 @@
 """torchaux: trustworthy auxiliary training utilities for every PyTorch backend."""
 
 from torchaux.checkpoint import AsyncSaver, SaveHandle, save_async, wait_saves
-from torchaux.checkpoint.secure_load import load_checkpoint, load_param_into_net
-from torchaux.checkpoint.secure_save import save_checkpoint
+from torchaux.checkpoint.load import load_checkpoint, load_param_into_net
+from torchaux.checkpoint.save import save_checkpoint
 from torchaux.errors import (
     CheckpointError,
     DecryptionError,

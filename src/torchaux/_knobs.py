@@ -37,7 +37,7 @@ _DEFAULTS: dict[str, int] = {
     # Bytes per aligned buffer of a direct-I/O file (three at most per file).
     # 16 MiB: 8 MiB measured slower, 32 MiB no faster (docs/benchmarks.md §4).
     "direct_io_buffer_bytes": 16 << 20,
-    # Plaintext bytes per encrypted chunk (crypto_writer.py explains the choice:
+    # Plaintext bytes per encrypted chunk (crypto/writer.py explains the choice:
     # per-chunk cost is negligible at 4 MiB, 16 MiB starves the CBC thread pool).
     "encryption_chunk_bytes": 4 << 20,
     # Cipher threads; 0 = automatic (1 for AES-GCM, one per core up to 8 for CBC).

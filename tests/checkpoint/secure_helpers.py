@@ -3,7 +3,7 @@
 Imported like ``sinks`` and ``compare`` (tests/checkpoint is on ``sys.path``
 under pytest's default import mode).  Everything here is small, CPU-only and
 deterministic.  The sinks defined here are picklable, so a
-:class:`~torchaux.checkpoint.process_saver.ProcessSaver` can run them in its
+:class:`~torchaux.checkpoint.engine.process_saver.ProcessSaver` can run them in its
 writer process.
 """
 
@@ -17,8 +17,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from torchaux.checkpoint.atomic import atomic_write
-from torchaux.checkpoint.process_saver import ProcessSaver
+from torchaux.checkpoint.storage.commit import atomic_write
+from torchaux.checkpoint.engine.process_saver import ProcessSaver
 
 #: Upper bound for any wait in a test; a hang becomes a clear failure.
 WAIT_S = 60.0

@@ -2,7 +2,7 @@
 
 A sink is ``sink(path)`` -> context manager yielding a binary file that is
 committed on clean exit.  These wrap the real
-:func:`torchaux.checkpoint.atomic.atomic_write` so everything except the
+:func:`torchaux.checkpoint.storage.commit.atomic_write` so everything except the
 injected fault is the production code path.
 """
 
@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from typing import Any, BinaryIO
 
-from torchaux.checkpoint.atomic import atomic_write
+from torchaux.checkpoint.storage.commit import atomic_write
 
 #: Upper bound for any wait in a test helper; a hang becomes a clear failure.
 WAIT_S = 60.0

@@ -34,7 +34,7 @@ from sinks import FailingSink, GatedSink
 
 import torchaux
 from torchaux import AsyncSaver
-from torchaux.checkpoint.process_saver import ProcessSaver
+from torchaux.checkpoint.engine.process_saver import ProcessSaver
 
 MODES = [False, "thread", "process"]
 MODE_IDS = ["sync", "thread", "process"]

@@ -31,7 +31,7 @@ from secure_helpers import (
 
 import torchaux
 from torchaux import DecryptionError, IntegrityError, _knobs
-from torchaux.checkpoint.crypto_header import MAGIC
+from torchaux.checkpoint.crypto.header import MAGIC
 
 EXPECTED = expected_entries(sample_state(), APPEND_SCALARS)
 

@@ -28,7 +28,7 @@ from secure_helpers import (
 
 import torchaux
 from torchaux import DecryptionError, IntegrityError
-from torchaux.checkpoint.secure_load import detect_format
+from torchaux.checkpoint.load import detect_format
 
 
 def _saved(tmp_path: Any, fmt: str = "ckpt", name: str = "m.bin", **kwargs: Any) -> str:

@@ -31,7 +31,7 @@ from torch import nn
 
 import torchaux
 from torchaux import AsyncSaver, DecryptionError, IntegrityError
-from torchaux.checkpoint.process_saver import ProcessSaver
+from torchaux.checkpoint.engine.process_saver import ProcessSaver
 
 #: Every name in ConvNet's state_dict, in order.
 NET_KEYS = [

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import torchaux
-from torchaux.checkpoint.crypto import describe_header
-from torchaux.checkpoint.secure_save import ENC_MODES
+from torchaux.checkpoint.crypto.envelope import describe_header
+from torchaux.checkpoint.save import ENC_MODES
 from torchaux.cli.inspect import inspect_file
 from torchaux.cli.keys import DEC_KEY_ENV, ENC_KEY_ENV
 from torchaux.cli.main import main
@@ -255,5 +255,5 @@ def test_progress_bar_renders_when_forced(
     assert main(["convert", _save(tmp_path / "a.ckpt"), dst, "--format", "safetensors",
                  "--progress"]) == 0
     err = capsys.readouterr().err
-    assert err.startswith("\rb.safetensors ") and "100.0%" in err and err.endswith("MiB/s\n")
+    assert err.startswith("\rb.safetensors: ") and "100%" in err and err.endswith("B/s]\n")
     _assert_same_entries(torchaux.load_checkpoint(dst, crc_check=True))

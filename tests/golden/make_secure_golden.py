@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import torchaux
-from torchaux.checkpoint import crypto_header
+from torchaux.checkpoint.crypto import header as crypto_header
 
 HERE = Path(__file__).resolve().parent
 KEY = bytes(range(32))

@@ -19,9 +19,10 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import torchaux
-from torchaux.checkpoint.atomic import atomic_write
-from torchaux.training import graph_dump, graph_dump_cuda
-from torchaux.training.graph_dump import save_graph_tensor, save_npugraph_tensor
+from torchaux.checkpoint.storage.commit import atomic_write
+from torchaux.training.graph_dump import cuda as graph_dump_cuda
+from torchaux.training.graph_dump import dump as graph_dump
+from torchaux.training.graph_dump.dump import save_graph_tensor, save_npugraph_tensor
 
 CPU_INDEX = graph_dump._device_index(torch.device("cpu"))
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

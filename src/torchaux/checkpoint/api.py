@@ -10,9 +10,9 @@ from typing import IO, Any
 import torch
 from torch.serialization import DEFAULT_PROTOCOL
 
-from torchaux.checkpoint import fence, staging
-from torchaux.checkpoint.formats.torch_save import archive_name_for, write_torch_save
-from torchaux.checkpoint.saver import AsyncSaver, SaveHandle, default_saver
+from torchaux.checkpoint.engine import fence, staging
+from torchaux.checkpoint.formats.torch_save.writer import archive_name_for, write_torch_save
+from torchaux.checkpoint.engine.saver import AsyncSaver, SaveHandle, default_saver
 
 __all__ = ["save_async"]
 

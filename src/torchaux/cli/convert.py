@@ -27,10 +27,10 @@ from typing import IO, Any
 
 import torch
 
-from torchaux.checkpoint.atomic import atomic_write
-from torchaux.checkpoint.saver import AsyncSaver
-from torchaux.checkpoint.secure_load import load_checkpoint
-from torchaux.checkpoint.secure_save import save_checkpoint
+from torchaux.checkpoint.storage.commit import atomic_write
+from torchaux.checkpoint.engine.saver import AsyncSaver
+from torchaux.checkpoint.load import load_checkpoint
+from torchaux.checkpoint.save import save_checkpoint
 from torchaux.cli.inspect import format_counts, open_envelope, require_key
 from torchaux.cli.keys import DEC_KEY_ENV, ENC_KEY_ENV, Key, KeySourceError, load_key
 from torchaux.cli.progress import Progress, ProgressWriter, progress_enabled
@@ -112,7 +112,7 @@ def convert_file(
         7
     """
     if enc_key is not None:
-        from torchaux.checkpoint.crypto_header import validate_key
+        from torchaux.checkpoint.crypto.header import validate_key
 
         try:
             validate_key(enc_key.secret, enc_mode)

@@ -1,7 +1,7 @@
 """``torchaux inspect``: what a checkpoint file holds, and the reading code the CLI shares.
 
 Without a key, an encrypted file shows only its envelope (mode, key size,
-chunk size: :func:`torchaux.checkpoint.crypto.describe_header` reads them
+chunk size: :func:`torchaux.checkpoint.crypto.envelope.describe_header` reads them
 without the key).  A plaintext file, or an encrypted one with its key, also
 shows its format, whether it records a CRC (``.ckpt``: the
 ``.torchaux/crc32`` member; safetensors: ``crc_num`` metadata) and a table of
@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from torchaux.checkpoint import integrity
-from torchaux.checkpoint.secure_load import (
+from torchaux.checkpoint.formats.torch_save import integrity
+from torchaux.checkpoint.load import (
     detect_format,
     safetensors_entries,
     torch_entries,
@@ -118,7 +118,7 @@ def open_envelope(path: str) -> Envelope:
         IntegrityError: empty, of no known format, or a damaged header.
         UnsupportedFormatError: encrypted by a newer torchaux.
     """
-    from torchaux.checkpoint.crypto import describe_header
+    from torchaux.checkpoint.crypto.envelope import describe_header
 
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
@@ -160,7 +160,7 @@ def read_plaintext(envelope: Envelope, key: Key | None, bar: Progress) -> bytes:
                 out.write(chunk)
             return out.getvalue()
         secret = require_key(envelope, key).secret
-        from torchaux.checkpoint.crypto import decrypt_stream
+        from torchaux.checkpoint.crypto.envelope import decrypt_stream
 
         # mode=None: the mode recorded in the (HMAC-checked) header is the one used.
         decrypt_stream(raw, out, secret, None)  # type: ignore[arg-type]
@@ -179,7 +179,7 @@ def load_contents(data: bytes, path: str, *, check_crc: bool = False) -> Content
     if found == "ckpt":
         crc = integrity.verify_zip_crc(data, path) if check_crc else integrity.has_content_crc(data)
         return Contents("ckpt", torch_entries(data, path), None, crc)
-    from torchaux.checkpoint.formats.safetensors import CRC_METADATA_KEY, read_safetensors
+    from torchaux.checkpoint.formats.safetensors.writer import CRC_METADATA_KEY, read_safetensors
 
     tensors, metadata = read_safetensors(data)
     if check_crc:

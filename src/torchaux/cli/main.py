@@ -9,8 +9,8 @@ import zipfile
 from collections.abc import Sequence
 from typing import Any
 
-from torchaux.cli.bench_methods import METHODS
-from torchaux.cli.bench_secure import SECURE_METHODS
+from torchaux.cli.bench.methods import METHODS
+from torchaux.cli.bench.secure import SECURE_METHODS
 from torchaux.errors import CheckpointError
 
 __all__ = ["main", "build_parser"]
@@ -99,7 +99,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_checkpoint_commands(sub: Any) -> None:
-    from torchaux.checkpoint.secure_save import ENC_MODES, FORMATS
+    from torchaux.checkpoint.save import ENC_MODES, FORMATS
 
     inspect = sub.add_parser(
         "inspect", allow_abbrev=False,
@@ -150,10 +150,10 @@ def _add_checkpoint_commands(sub: Any) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from torchaux.cli.bench import BenchConfig, run_bench
-    from torchaux.cli.bench_report import format_table, write_json, write_plot
+    from torchaux.cli.bench.run import BenchConfig, run_bench
+    from torchaux.cli.bench.report import format_table, write_json, write_plot
 
-    from torchaux.cli.bench_secure import SECURE_DEFAULT_METHODS
+    from torchaux.cli.bench.secure import SECURE_DEFAULT_METHODS
 
     # --secure: a 1 GiB state (issue #3's bar) with a lighter step, fewer saves.
     profile = _SECURE_PROFILE if args.secure else _PLAIN_PROFILE

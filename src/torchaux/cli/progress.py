@@ -1,19 +1,18 @@
-"""A one-line stderr progress bar for reading, decrypting and writing large checkpoints.
+"""Progress bars for reading, decrypting and writing large checkpoints, drawn by tqdm.
 
-The bar shows a label (a file name), the percentage, MiB done of the total and
-the rate in MiB/s; it redraws in place with ``\\r`` at most every
-:data:`REDRAW_INTERVAL_S` seconds and ends with a newline.  It knows byte
-counts and the label only, so it cannot show key material.  By default it is
-drawn only when stderr is a terminal and the file is at least
-:data:`AUTO_MIN_BYTES`; ``--progress`` forces it (tests do) and
-``--no-progress`` turns it off.
+tqdm (an optional dependency: ``pip install torchaux[cli]``) draws the bar, with
+rate, ETA and terminal-width handling; without it the commands work the same
+and draw nothing.  A bar knows byte counts and a label (a file name) only, so
+it cannot show key material.  By default it is drawn only when stderr is a
+terminal and the file is at least :data:`AUTO_MIN_BYTES`; ``--progress``
+forces it (tests do) and ``--no-progress`` turns it off.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 import threading
-import time
 from typing import IO, Any
 
 __all__ = [
@@ -21,6 +20,7 @@ __all__ = [
     "ProgressReader",
     "ProgressWriter",
     "progress_enabled",
+    "tqdm_available",
     "AUTO_MIN_BYTES",
     "REDRAW_INTERVAL_S",
 ]
@@ -28,9 +28,22 @@ __all__ = [
 #: Smallest file that gets a bar without ``--progress`` (smaller ones finish
 #: before a bar would tell the user anything).
 AUTO_MIN_BYTES = 64 << 20
-#: Seconds between redraws (a terminal redraw per chunk would cost more than it shows).
+#: Seconds between redraws (tqdm's ``mininterval``; a redraw per chunk would cost more than it shows).
 REDRAW_INTERVAL_S = 0.1
-_MIB = float(1 << 20)
+
+
+def tqdm_available() -> bool:
+    """Whether tqdm can be imported (no bar is drawn without it).
+
+    Example:
+        >>> isinstance(tqdm_available(), bool)
+        True
+    """
+    try:
+        importlib.import_module("tqdm")
+    except ImportError:
+        return False
+    return True
 
 
 def progress_enabled(flag: bool | None, total: int, stream: IO[str] | None = None) -> bool:
@@ -49,7 +62,7 @@ def progress_enabled(flag: bool | None, total: int, stream: IO[str] | None = Non
 
 
 class Progress:
-    """Counts bytes and draws the bar on ``stream`` (default stderr) if ``enabled``.
+    """Counts bytes and, if ``enabled`` and tqdm is installed, draws a tqdm bar on ``stream``.
 
     Safe to update from one writer thread while another thread waits; use as
     a context manager, which draws the final line.
@@ -65,8 +78,8 @@ class Progress:
         >>> out = io.StringIO()
         >>> with Progress("x.ckpt", total=2 << 20, enabled=True, stream=out) as bar:
         ...     bar.update(2 << 20)
-        >>> out.getvalue().rsplit("\\r", 1)[1].split()[:3]
-        ['x.ckpt', '100.0%', '2.0/2.0']
+        >>> bar.done, ("100%" in out.getvalue()) == tqdm_available()
+        (2097152, True)
     """
 
     def __init__(
@@ -76,51 +89,42 @@ class Progress:
         self.total = total or None
         self.done = 0
         self.enabled = enabled
-        self._stream = stream
-        self._start = time.monotonic()
-        self._last_draw = float("-inf")
         self._lock = threading.Lock()
-        self._closed = False
-        self._width = 0
+        self._bar: Any = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:  # optional: the command works the same without a bar
+                tqdm = None
+            if tqdm is not None:
+                self._bar = tqdm(
+                    total=self.total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
+                    file=sys.stderr if stream is None else stream,
+                    mininterval=REDRAW_INTERVAL_S, leave=True, dynamic_ncols=True,
+                )
 
     def update(self, n: int) -> None:
-        """Add ``n`` processed bytes; redraw if the last redraw is old enough."""
+        """Add ``n`` processed bytes (tqdm redraws at most every :data:`REDRAW_INTERVAL_S`)."""
         with self._lock:
             self.done += n
-            if self.enabled and not self._closed:
-                now = time.monotonic()
-                if now - self._last_draw >= REDRAW_INTERVAL_S:
-                    self._last_draw = now
-                    self._draw(now, final=False)
+            if self._bar is not None:
+                if self._bar.total is not None and self.done > self._bar.total:
+                    # The total of a write is an estimate: grow it rather than show > 100%.
+                    self._bar.total = self.done
+                self._bar.update(n)
 
     def close(self) -> None:
-        """Draw the final line (100% if the total was reached) and stop drawing."""
+        """Draw the final line and stop drawing (idempotent)."""
         with self._lock:
-            if self.enabled and not self._closed:
-                self._draw(time.monotonic(), final=True)
-            self._closed = True
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
 
     def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _draw(self, now: float, *, final: bool) -> None:
-        elapsed = max(now - self._start, 1e-9)
-        rate = self.done / _MIB / elapsed
-        if self.total:
-            # The total of a write is an estimate: hold 99.9% until it ends.
-            pct = min(100.0 * self.done / self.total, 100.0 if final else 99.9)
-            numbers = f"{pct:5.1f}% {self.done / _MIB:6.1f}/{self.total / _MIB:.1f} MiB"
-        else:
-            numbers = f"{self.done / _MIB:6.1f} MiB"
-        line = f"{self.label} {numbers} {rate:7.1f} MiB/s"
-        # Pad over the rest of a longer previous line (the numbers shrink at times).
-        padded, self._width = line.ljust(self._width), max(self._width, len(line))
-        stream = sys.stderr if self._stream is None else self._stream
-        stream.write("\r" + padded + ("\n" if final else ""))
-        stream.flush()
 
 
 class ProgressReader:

@@ -7,7 +7,7 @@ What is checked, in order, before anything is declared good:
    every chunk's tag or MAC, through to the final chunk, so a wrong key, a
    changed byte, a cut or an appended byte fails;
 3. ``.ckpt``: every zip member's CRC-32 and, if recorded, the content CRC
-   (:mod:`torchaux.checkpoint.integrity`); safetensors: the header and data
+   (:mod:`torchaux.checkpoint.formats.torch_save.integrity`); safetensors: the header and data
    layout, and ``crc_num`` if recorded;
 4. the content parses as :func:`torchaux.load_checkpoint` would parse it
    (``torch.load(weights_only=True)``, or the safetensors reader and the

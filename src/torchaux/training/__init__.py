@@ -16,7 +16,7 @@ from torchaux.training.combine import (
     npu_combine_tensors,
 )
 from torchaux.training.flops import FlopsBreakdown, FlopsCounter, mfu
-from torchaux.training.graph_dump import save_graph_tensor, save_npugraph_tensor
+from torchaux.training.graph_dump.dump import save_graph_tensor, save_npugraph_tensor
 
 __all__ = [
     "combine_tensors",

@@ -1,4 +1,4 @@
-"""On-disk formats torchaux writes: torch.save zip, safetensors."""
+"""On-disk formats torchaux writes: torch.save zip (:mod:`.torch_save`), safetensors (:mod:`.safetensors`)."""
 
 from torchaux.checkpoint.formats.safetensors import read_safetensors, write_safetensors
 from torchaux.checkpoint.formats.torch_save import write_torch_save

@@ -1,0 +1,99 @@
+"""Writer of the ``torch.save`` format from a staged :class:`Snapshot`.
+
+The records and their order are those of torch/serialization.py ``_save`` and
+``PyTorchStreamWriter::writeEndOfFile`` (torch 2.13): ``data.pkl``,
+``.format_version`` (``"1"``: storages numbered by first appearance),
+``.storage_alignment``, ``byteorder`` (unless disabled), ``data/<key>`` for
+every storage, ``version`` and ``.data/serialization_id``.  The output loads
+with plain ``torch.load`` (``weights_only=True`` where the object allows it,
+``mmap=True`` too) and is byte-identical to ``torch.save``'s apart from the
+serialization id (see :mod:`torchaux.checkpoint.formats.torch_save.container`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import IO
+
+import torch
+from torch.serialization import get_crc32_options
+
+from torchaux.checkpoint.formats.torch_save import integrity
+from torchaux.checkpoint.formats.torch_save.container import TorchZipWriter, storage_view
+from torchaux.checkpoint.engine.staging import Snapshot
+
+__all__ = ["write_torch_save", "archive_name_for", "FORMAT_VERSION", "FILE_FORMAT_VERSION"]
+
+#: ``.format_version`` that torch.save 2.13 writes (storage keys numbered in order).
+FORMAT_VERSION = "1"
+#: ``version`` record of torch 2.13 (caffe2/serialize/versions.h, kMinProducedFileFormatVersion).
+FILE_FORMAT_VERSION = "3\n"
+
+
+def _storage_alignment() -> int:
+    # torch >= 2.6 exposes the alignment setting; older releases used 64.
+    getter = getattr(torch.serialization, "_get_storage_alignment", None)
+    return int(getter()) if getter is not None else 64
+
+
+def archive_name_for(path: str | None) -> str:
+    """Top-level folder name torch.save uses inside the zip for ``path``.
+
+    torch takes the file name without directories and without its last
+    extension; file objects, and non-ASCII names (which torch.save writes
+    through a Python file object), get ``"archive"``.
+
+    >>> archive_name_for("/ckpt/model.step10.pt"), archive_name_for(None)
+    ('model.step10', 'archive')
+    >>> archive_name_for("/ckpt/mödel.pt")
+    'archive'
+    """
+    if path is None or not path.isascii():
+        return "archive"
+    name = os.path.basename(path)
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    return stem or "archive"
+
+
+def write_torch_save(
+    snapshot: Snapshot,
+    fileobj: IO[bytes],
+    *,
+    archive_name: str = "archive",
+    disable_byteorder_record: bool = False,
+    content_crc: bool = False,
+) -> None:
+    """Write ``snapshot`` to ``fileobj`` in torch.save format (writer thread).
+
+    Args:
+        snapshot: a staged snapshot whose ``finish_staging`` has returned.
+        fileobj: binary file object open for writing, at position 0.
+        archive_name: folder inside the zip (see :func:`archive_name_for`).
+        disable_byteorder_record: as torch.save's ``_disable_byteorder_record``:
+            the ``byteorder`` record moves to the end instead of vanishing.
+        content_crc: compute every member CRC (whatever torch's CRC option) and
+            append the ``.torchaux/crc32`` member (see :mod:`..integrity`).
+    """
+    alignment = _storage_alignment()
+    writer = TorchZipWriter(
+        fileobj, archive_name=archive_name, alignment=alignment,
+        compute_crc=content_crc or get_crc32_options(),
+    )
+    writer.write_record("data.pkl", snapshot.pickled)
+    writer.write_record(".format_version", FORMAT_VERSION.encode())
+    writer.write_record(".storage_alignment", str(alignment).encode())
+    if not disable_byteorder_record:
+        writer.write_record("byteorder", sys.byteorder.encode())
+    for key, storage in snapshot.records():
+        writer.write_record(f"data/{key}", storage_view(storage))
+    writer.write_record("version", FILE_FORMAT_VERSION.encode())
+    if disable_byteorder_record:
+        # torch 2.13's zip writer adds the record itself at the end when the
+        # caller skipped it, so torch.save never really omits it; mirror that.
+        writer.write_record("byteorder", sys.byteorder.encode())
+    writer.write_record(".data/serialization_id", writer.serialization_id().encode())
+    if content_crc:
+        crc = integrity.content_crc(writer.members())
+        writer.write_record(integrity.CRC_MEMBER, f"{crc:08x}".encode())
+    writer.finish()
