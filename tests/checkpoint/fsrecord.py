@@ -335,3 +335,22 @@ def explore(before: dict[str, bytes], ops: list[Op]) -> Iterator[tuple[int, dict
             yield point, state
         if point < len(ops):
             model.apply(ops[point])
+
+
+def errno_of(exc: BaseException | None) -> int | None:
+    """The errno of the first OSError in ``exc``'s cause/context chain (a wrapped fault's code).
+
+    >>> try:
+    ...     try:
+    ...         raise OSError(28, "full")
+    ...     except OSError as e:
+    ...         raise RuntimeError("save failed") from e
+    ... except RuntimeError as outer:
+    ...     errno_of(outer)
+    28
+    """
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc.errno
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 import pytest
-from fsrecord import Recorder
+from fsrecord import Recorder, errno_of
 from test_crash_states import _SMALL, KEY, PATHS, _state
 
 import torchaux
@@ -62,7 +62,7 @@ def test_fault_at_every_operation(
             with rec.active(monkeypatch), pytest.raises(OSError) as info:
                 save(_state(2), path)
             assert rec.injected == [(kind, ERRNOS[err])]
-            assert _errno_in_chain(info.value) == ERRNOS[err], repr(info.value)
+            assert errno_of(info.value) == ERRNOS[err], repr(info.value)
             fsyncs = [op for op in rec.ops if op[0] == "fsync"]
             if kind == "fsync":
                 assert fsyncs == [], "a failed fsync was retried"
@@ -81,11 +81,3 @@ def test_fault_at_every_operation(
 def _load(which: str, path: str) -> dict:
     key = KEY if "AES" in which else None
     return torchaux.load_checkpoint(path, dec_key=key, dec_mode="AES-CBC" if "CBC" in which else "AES-GCM")
-
-
-def _errno_in_chain(exc: BaseException | None) -> int | None:
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno is not None:
-            return exc.errno
-        exc = exc.__cause__ or exc.__context__
-    return None
