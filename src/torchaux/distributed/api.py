@@ -1,0 +1,270 @@
+"""``save_async`` / ``save`` / ``load`` / ``load_full``: sharded checkpoints, never torn.
+
+Call :func:`save_async` on every rank with that rank's state dict (DTensors of
+FSDP2 ``fully_shard`` or tensor parallel, replicated tensors as with DDP,
+non-tensor values).  It returns once the rank's shards are staged into the
+torchaux host pool; on the writer thread each rank then plans with DCP's
+``DefaultSavePlanner`` (replicated tensors are written once, by one rank),
+writes its file into the save's staging folder, and votes.  Plans, results
+and the outcome travel through the process group's store with deadlines
+(:class:`~torchaux.distributed.commit.StoreVote`), never through a
+collective from the background thread.  Only when every rank succeeded does
+the coordinator publish (:func:`~torchaux.distributed.commit.publish`).
+
+Without an initialised process group everything runs as one rank.
+
+>>> import torch, torchaux.distributed as td
+>>> d = os.path.join(doctest_tmp, "step_1")
+>>> h = td.save_async({"w": torch.arange(3.0), "step": 1}, d)
+>>> h.wait() == os.path.abspath(d)
+True
+>>> out = {"w": torch.zeros(3), "step": 0}
+>>> td.load(out, d)
+>>> out["w"].tolist(), out["step"]
+([0.0, 1.0, 2.0], 1)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch.distributed as dist
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+from torchaux import _knobs
+from torchaux.checkpoint.engine.saver import AsyncSaver, SaveHandle
+from torchaux.checkpoint.engine.staging import Snapshot
+from torchaux.distributed.commit import StoreVote
+from torchaux.distributed.reader import SafeFullLoadPlanner, SafeLoadPlanner, StorageReader
+from torchaux.distributed.stager import stage_state_dict
+from torchaux.distributed.writer import StorageWriter
+
+__all__ = ["save_async", "save", "load", "load_full"]
+
+_saver_lock = threading.Lock()
+_saver: AsyncSaver | None = None
+_sequence: dict[str, int] = {}
+
+
+def _distributed_saver() -> AsyncSaver:
+    global _saver
+    with _saver_lock:
+        if _saver is None:
+            _saver = AsyncSaver(name="torchaux-dist-writer")
+        return _saver
+
+
+def _check_dir(checkpoint_dir: object) -> str:
+    if not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise TypeError(
+            f"checkpoint_dir must be a str or os.PathLike; found {type(checkpoint_dir).__name__}"
+        )
+    return os.path.abspath(os.fspath(checkpoint_dir))
+
+
+def _check_timeout(timeout: object) -> float:
+    if timeout is None:
+        return float(_knobs.distributed_timeout_s())
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds or None; found {timeout!r}")
+    return float(timeout)
+
+
+class _Group:
+    """Rank, size and store of the save's process group (or a one-rank stand-in)."""
+
+    def __init__(self, process_group: Any) -> None:
+        if dist.is_initialized():
+            pg = process_group or dist.group.WORLD
+            self.rank = dist.get_rank(pg)
+            self.world = dist.get_world_size(pg)
+            self.ranks = dist.get_process_group_ranks(pg)
+            self.name = "world" if pg is dist.group.WORLD else str(pg.group_name)
+            self.store: Any = dist.distributed_c10d._get_default_store()
+        else:
+            if process_group is not None:
+                raise ValueError(
+                    "process_group was given but torch.distributed is not initialised; call "
+                    "torch.distributed.init_process_group first, or pass process_group=None"
+                )
+            self.rank, self.world, self.ranks, self.name = 0, 1, [0], "local"
+            self.store = dist.HashStore()
+
+    def next_prefix(self) -> str:
+        # Every rank saves in the same order (like any collective), so the
+        # n-th save of this group has the same key prefix on every rank.
+        n = _sequence.get(self.name, 0)
+        _sequence[self.name] = n + 1
+        return f"torchaux/dist/{self.name}/{n}"
+
+
+def save_async(
+    state_dict: Mapping[str, Any],
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    process_group: Any = None,
+    enc_key: bytes | None = None,
+    enc_mode: str = "AES-GCM",
+    timeout: float | None = None,
+) -> SaveHandle:
+    """Save this rank's part of a sharded checkpoint in the background.
+
+    Args:
+        state_dict: this rank's state dict (e.g. from
+            ``torch.distributed.checkpoint.state_dict.get_state_dict``).
+        checkpoint_dir: the checkpoint directory, the same on every rank
+            (created if missing; its parent must exist).  An existing
+            checkpoint there stays complete until the new one is committed.
+        process_group: the group saving together (default: the world).
+        enc_key: encrypt every chunk (16/24/32 bytes); ``enc_mode`` its mode.
+        timeout: seconds to wait for the other ranks before failing (default
+            ``TORCHAUX_DISTRIBUTED_TIMEOUT_S``, 600).
+
+    Returns:
+        A :class:`~torchaux.SaveHandle`: ``staged`` resolves once this rank's
+        snapshot is on the host, ``committed`` (and ``wait()``) once the whole
+        checkpoint is published, on every rank.  If any rank fails or dies,
+        nothing is committed and every surviving rank's handle raises a
+        :class:`~torchaux.CheckpointError` naming the rank(s) and the cause
+        within ``timeout``.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a dict; found {type(state_dict).__name__}")
+    target = _check_dir(checkpoint_dir)
+    seconds = _check_timeout(timeout)
+    writer = StorageWriter(target, enc_key=enc_key, enc_mode=enc_mode)
+    group = _Group(process_group)
+    start = time.monotonic()
+    prefix = group.next_prefix()
+    # The coordinator gives up first, so the others hear its reason before their own deadline.
+    deadline = start + (seconds * 0.9 if group.rank == 0 else seconds)
+    vote = StoreVote(group.store, prefix, group.rank, group.world, group.ranks, deadline)
+    saver = _distributed_saver()
+    saver.reserve()
+    try:
+        staged, snapshot = stage_state_dict(dict(state_dict), saver.pool)
+    except BaseException as exc:
+        saver.cancel_reservation()
+        vote.post_failure("plan", exc)
+        raise
+
+    def write(snap: Snapshot) -> str:
+        return _run_save(staged, writer, vote, group.rank == 0)
+
+    return saver.submit(snapshot, write, target)
+
+
+def save(state_dict: Mapping[str, Any], checkpoint_dir: str | os.PathLike[str], **kwargs: Any) -> str:
+    """:func:`save_async`, waited: returns the directory once committed on every rank."""
+    result = save_async(state_dict, checkpoint_dir, **kwargs).wait()
+    assert result is not None
+    return result
+
+
+def _run_save(staged: dict[str, Any], writer: StorageWriter, vote: StoreVote, coord: bool) -> str:
+    """One save on the writer thread: plan, write, vote, publish (module docstring)."""
+    planner = DefaultSavePlanner()
+    try:
+        planner.set_up_planner(staged, writer.storage_meta(), coord)
+        writer.set_up_storage_writer(coord, rank=vote.rank)
+        local = writer.prepare_local_plan(planner.create_local_plan())
+    except BaseException as exc:
+        vote.post_failure("plan", exc)
+        raise
+    metadata = None
+    if coord:
+        try:
+            vote.post("plan", local)
+            plans, metadata = planner.create_global_plan(vote.gather("plan"))
+            plans = writer.prepare_global_plan(plans)
+            vote.scatter("central", plans)
+        except BaseException as exc:
+            vote.scatter_failure("central", exc)
+            raise
+        central = plans[0]
+    else:
+        vote.post("plan", local)
+        central = vote.receive("central")
+    try:
+        results = writer.write_data(planner.finish_plan(central), planner).value()
+    except BaseException as exc:
+        vote.post_failure("result", exc)
+        raise
+    vote.post("result", results)
+    if coord:
+        try:
+            writer.finish(metadata, vote.gather("result"))  # type: ignore[arg-type]
+        except BaseException as exc:
+            vote.scatter_failure("outcome", exc)
+            raise
+        vote.scatter("outcome", "committed")
+    else:
+        vote.receive("outcome")
+    return writer.path
+
+
+@contextlib.contextmanager
+def _dcp_errors() -> Iterator[None]:
+    # DCP wraps every rank's failure in its CheckpointException; surface the
+    # original torchaux error (IntegrityError, DecryptionError, ...) instead.
+    try:
+        yield
+    except CheckpointException as exc:
+        for failure in exc.failures.values():
+            original = getattr(failure, "exc", failure)
+            if isinstance(original, BaseException):
+                raise original from exc
+        raise
+
+
+def load(
+    state_dict: dict[str, Any],
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    process_group: Any = None,
+    dec_key: bytes | None = None,
+    dec_mode: str = "AES-GCM",
+) -> None:
+    """Load a checkpoint into ``state_dict`` in place, resharding as needed.
+
+    Every rank of ``process_group`` calls it with its own state dict (DTensors
+    get their local shards, plain tensors the full value); without a process
+    group it loads into a plain single-process state dict.  Works for
+    checkpoints of any world size, torchaux's or stock DCP's.
+
+    Raises:
+        FileNotFoundError: no committed checkpoint in ``checkpoint_dir``.
+        IntegrityError: a checksum mismatch, a missing or truncated data file.
+        DecryptionError: wrong key or mode, or no key for an encrypted checkpoint.
+    """
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict; found {type(state_dict).__name__}")
+    reader = StorageReader(_check_dir(checkpoint_dir), dec_key=dec_key, dec_mode=dec_mode)
+    no_dist = not dist.is_initialized()
+    with _dcp_errors(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp_load(state_dict, storage_reader=reader, planner=SafeLoadPlanner(),
+                 process_group=process_group, no_dist=no_dist)
+
+
+def load_full(
+    checkpoint_dir: str | os.PathLike[str], *, dec_key: bytes | None = None, dec_mode: str = "AES-GCM"
+) -> dict[str, Any]:
+    """Read a whole checkpoint into one process: every tensor at its full, global shape.
+
+    No process group needed (like DCP's ``dcp_to_torch_save``, without the pickle risk).
+    """
+    reader = StorageReader(_check_dir(checkpoint_dir), dec_key=dec_key, dec_mode=dec_mode)
+    out: dict[str, Any] = {}
+    with _dcp_errors():
+        _load_state_dict(out, storage_reader=reader, planner=SafeFullLoadPlanner(), no_dist=True)
+    return out

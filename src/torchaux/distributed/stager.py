@@ -1,0 +1,170 @@
+"""Staging a (sharded) state dict into the torchaux host pool, and DCP's ``AsyncStager``.
+
+:func:`stage_state_dict` walks a state dict (nested dicts, lists, tuples),
+collects every tensor's *local* data (a DTensor's local shard, a plain
+tensor), and copies them all with the engine's
+:func:`~torchaux.checkpoint.engine.staging.stage` into warm buffers of a
+:class:`~torchaux.checkpoint.engine.pool.HostBufferPool` (pinned, side-stream
+copies for accelerator tensors).  Non-tensor values are deep-copied at the
+call.  The staged dict has the same structure; each DTensor becomes a DTensor
+with the same mesh and placements around its staged host shard, so DCP's
+planners see the same global layout.
+
+>>> import torch
+>>> from torchaux.checkpoint.engine.pool import HostBufferPool
+>>> live = {"w": torch.ones(2), "opt": {"step": 3, "lr": [0.1]}}
+>>> staged, snap = stage_state_dict(live, HostBufferPool())
+>>> _ = live["w"].add_(1)
+>>> staged["w"].tolist(), staged["opt"]
+([1.0, 1.0], {'step': 3, 'lr': [0.1]})
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.staging import AsyncStager
+from torch.distributed.tensor import DTensor
+
+from torchaux.checkpoint.engine.pool import HostBufferPool
+from torchaux.checkpoint.engine.staging import Snapshot, stage
+
+__all__ = ["stage_state_dict", "Stager"]
+
+
+@dataclass(frozen=True)
+class _TensorSlot:
+    index: int
+    spec: Any = None  # DTensorSpec for DTensors
+
+
+def _collect(obj: Any, tensors: list[torch.Tensor], path: str) -> Any:
+    if isinstance(obj, DTensor):
+        tensors.append(obj._local_tensor.detach())
+        return _TensorSlot(len(tensors) - 1, obj._spec)
+    if isinstance(obj, torch.Tensor):
+        if type(obj).__name__ == "ShardedTensor":  # pragma: no cover - legacy type
+            raise TypeError(
+                f"{path or 'state_dict'} is a ShardedTensor, which torchaux.distributed does "
+                "not stage; use DTensor (FSDP2 fully_shard, tensor parallel)"
+            )
+        tensors.append(obj.detach())
+        return _TensorSlot(len(tensors) - 1)
+    if isinstance(obj, dict):
+        return type(obj)((k, _collect(v, tensors, f"{path}.{k}")) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(_collect(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj))
+    return copy.deepcopy(obj)  # Python values are fixed at the call
+
+
+def _rebuild(skeleton: Any, snapshot: Snapshot) -> Any:
+    if isinstance(skeleton, _TensorSlot):
+        local = snapshot.staged_tensor(str(skeleton.index))
+        if skeleton.spec is None:
+            return local
+        return DTensor(local, skeleton.spec, requires_grad=False)
+    if isinstance(skeleton, dict):
+        return type(skeleton)((k, _rebuild(v, snapshot)) for k, v in skeleton.items())
+    if isinstance(skeleton, (list, tuple)) and type(skeleton) in (list, tuple):
+        return type(skeleton)(_rebuild(v, snapshot) for v in skeleton)
+    return skeleton
+
+
+def stage_state_dict(state_dict: Any, pool: HostBufferPool) -> tuple[Any, Snapshot]:
+    """Snapshot ``state_dict`` into ``pool``; return the staged dict and its snapshot.
+
+    CPU copies are done before returning; accelerator copies are queued on
+    a side stream (call ``snapshot.finish_staging()`` before reading them).
+    Give the buffers back with ``snapshot.release(pool)`` once written.
+    """
+    tensors: list[torch.Tensor] = []
+    skeleton = _collect(state_dict, tensors, "")
+    snapshot = stage(
+        tensors,
+        pool=pool,
+        pickle_module=pickle,
+        pickle_protocol=2,
+        index={str(i): t for i, t in enumerate(tensors)},
+    )
+    try:
+        staged = _rebuild(skeleton, snapshot)
+    except BaseException:
+        snapshot.release(pool)
+        raise
+    return staged, snapshot
+
+
+class Stager(AsyncStager):
+    """DCP ``AsyncStager`` that stages into a warm torchaux host pool.
+
+    ``dcp.async_save(sd, storage_writer=StorageWriter(path), async_stager=Stager())``.
+    ``stage`` returns once the copy is on the host (so the caller may change
+    the live tensors), and the buffers of a staged dict go back to the pool
+    once DCP has dropped every staged tensor (weak references), so the next
+    save copies into warm memory.  With ``async_checkpointer_type=PROCESS``
+    wait for the previous save's future before staging the next one, as
+    with DCP's caching stagers (the checkpoint process may still read them).
+
+    >>> import torch
+    >>> s = Stager()
+    >>> out = s.stage({"w": torch.ones(2)})
+    >>> out["w"].tolist()
+    [1.0, 1.0]
+    >>> s.close()
+    """
+
+    _synchronize_after_execute: bool = False
+
+    def __init__(self) -> None:
+        self.pool = HostBufferPool()
+        self._live: list[tuple[Snapshot, list[weakref.ref[torch.Tensor]]]] = []
+
+    def stage(self, state_dict: Any) -> Any:  # type: ignore[override]
+        """Copy ``state_dict`` into host buffers; return the staged dict."""
+        self._recycle()
+        staged, snapshot = stage_state_dict(state_dict, self.pool)
+        try:
+            snapshot.finish_staging()
+        except BaseException:
+            snapshot.release(self.pool)
+            raise
+        refs: list[weakref.ref[torch.Tensor]] = []
+        _weak_tensors(staged, refs)
+        self._live.append((snapshot, refs))
+        return staged
+
+    def _recycle(self) -> None:
+        still = []
+        for snapshot, refs in self._live:
+            if any(r() is not None for r in refs):
+                still.append((snapshot, refs))
+            else:
+                snapshot.release(self.pool)
+        self._live = still
+
+    def synchronize_staging(self) -> None:
+        """No-op: :meth:`stage` returns with the copy complete."""
+
+    def close(self) -> None:
+        """Drop the pool (buffers still referenced by a staged dict stay valid)."""
+        self._live = []
+        self.pool.clear()
+
+
+def _weak_tensors(obj: Any, out: list[weakref.ref[torch.Tensor]]) -> None:
+    if isinstance(obj, DTensor):
+        out.append(weakref.ref(obj))
+        out.append(weakref.ref(obj._local_tensor))
+    elif isinstance(obj, torch.Tensor):
+        out.append(weakref.ref(obj))
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _weak_tensors(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _weak_tensors(v, out)

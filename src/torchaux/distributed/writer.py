@@ -1,0 +1,224 @@
+"""``StorageWriter``: DCP's writer interface on the torchaux engine.
+
+``dcp.save``/``dcp.async_save`` drive it (torch 2.13 state_dict_saver.py
+``_save_state_dict``): ``set_up_storage_writer`` and ``prepare_local_plan`` on
+every rank, ``prepare_global_plan`` on the coordinator (which picks a fresh
+*generation* for the save), ``write_data`` on every rank, ``finish`` on the
+coordinator once every rank's ``write_data`` returned.
+
+``write_data`` writes the rank's chunks into one file in the generation's
+staging folder with :func:`~torchaux.checkpoint.storage.commit.atomic_write`
+(``O_DIRECT`` where possible, fsynced), hashing each chunk and, with a key,
+sealing each chunk in the crypto envelope.  ``finish`` hands the results to
+:func:`torchaux.distributed.commit.publish`: files moved into place under new
+names, ``.metadata`` committed atomically, the previous generation removed.
+The layout is in :mod:`torchaux.distributed.layout`.
+
+>>> import torch, torch.distributed.checkpoint as dcp, warnings
+>>> d = os.path.join(doctest_tmp, "ck")
+>>> with warnings.catch_warnings():
+...     warnings.simplefilter("ignore")  # "torch.distributed is ... uninitialized"
+...     _ = dcp.save({"w": torch.arange(4.0)}, storage_writer=StorageWriter(d))
+...     out = {"w": torch.zeros(4)}
+...     dcp.load(out, checkpoint_id=d)  # stock FileSystemReader
+>>> out["w"].tolist()
+[0.0, 1.0, 2.0, 3.0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import secrets
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.storage import StorageWriter as _DcpStorageWriter
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+from torchaux.checkpoint.storage.commit import atomic_write
+from torchaux.checkpoint.storage.publish import make_staging_dir
+from torchaux.distributed.checksums import HashingWriter, default_algorithm
+from torchaux.distributed.commit import publish
+from torchaux.distributed.layout import ENCRYPTION_DESCRIPTOR, EXTRAS_KEY, data_file_name
+
+__all__ = ["StorageWriter"]
+
+
+def _check_key(enc_key: object, enc_mode: object) -> None:
+    if enc_key is None:
+        return
+    from torchaux.checkpoint.crypto import validate_key
+
+    validate_key(enc_key, enc_mode)  # TypeError/ValueError naming the expected lengths
+
+
+class StorageWriter(_DcpStorageWriter):
+    """Writes DCP checkpoints that commit atomically, with per-chunk checksums.
+
+    Args:
+        path: the checkpoint directory (created if missing; its parent must exist).
+        enc_key: encrypt every chunk with this key (16/24/32 bytes); ``None``: plaintext.
+        enc_mode: ``"AES-GCM"`` (default), ``"AES-CBC"`` or ``"SM4-CBC"``.
+        checksum: ``"xxh3-64"`` or ``"crc32"``; default: xxh3-64 where the
+            ``xxhash`` package is installed (:mod:`torchaux.distributed.checksums`).
+
+    Picklable, so ``async_checkpointer_type=PROCESS`` can ship it to DCP's
+    checkpoint process.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        enc_key: bytes | None = None,
+        enc_mode: str = "AES-GCM",
+        checksum: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike; found {type(path).__name__}")
+        _check_key(enc_key, enc_mode)
+        self.path = os.path.abspath(os.fspath(path))
+        parent = os.path.dirname(self.path)
+        if not os.path.isdir(parent):
+            raise ValueError(
+                f"the parent directory {parent!r} of checkpoint {self.path!r} does not exist; "
+                "create it first"
+            )
+        self.enc_key = enc_key
+        self.enc_mode = enc_mode
+        self.checksum = checksum or default_algorithm()
+        HashingWriter(io.BytesIO(), self.checksum)  # unknown algorithm: raise now
+        self.save_id = secrets.token_hex(8)
+        self.rank = 0
+        self.is_coordinator = True
+        self.generation: str | None = None
+
+    # -- DCP interface --------------------------------------------------------
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id:
+            self.path = os.path.abspath(os.fspath(checkpoint_id))
+        self.save_id = secrets.token_hex(8)
+        self.generation = None
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = int(kwargs.get("rank") or 0)
+        if kwargs.get("use_collectives", True) is False:
+            raise ValueError(
+                "torchaux.distributed.StorageWriter commits through the coordinator; "
+                "use_collectives=False (no coordinator) is not supported"
+            )
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        os.makedirs(self.path, exist_ok=True)
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        # A fresh generation per save: new file names, so the committed
+        # checkpoint's files are never rewritten (layout.py).
+        self.generation = secrets.token_hex(6)
+        return [
+            dataclasses.replace(plan, storage_data={"rank": i, "generation": self.generation})
+            for i, plan in enumerate(plans)
+        ]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        info = plan.storage_data
+        if not isinstance(info, dict) or "generation" not in info:
+            raise ValueError(
+                "the save plan was not prepared by torchaux's StorageWriter.prepare_global_plan; "
+                "use the same writer class on every rank"
+            )
+        results = self._write_rank_file(plan, planner, int(info["rank"]), str(info["generation"]))
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        generation = self.generation
+        if generation is None:
+            raise RuntimeError("finish() called before prepare_global_plan() on the coordinator")
+        publish(
+            self.path,
+            generation,
+            metadata,
+            results,
+            storage_meta=self.storage_meta(),
+            checksum=self.checksum,
+            encryption=self.enc_mode if self.enc_key is not None else None,
+        )
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.path, save_id=self.save_id)
+
+    @property
+    def checkpoint_id(self) -> str:
+        """The checkpoint directory."""
+        return self.path
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return isinstance(checkpoint_id, (str, os.PathLike))
+
+    # -- writing -------------------------------------------------------------
+
+    def _write_rank_file(
+        self, plan: SavePlan, planner: SavePlanner, rank: int, generation: str
+    ) -> list[WriteResult]:
+        staging = make_staging_dir(self.path, generation)
+        name = data_file_name(rank, 0, generation)
+        descriptors = [ENCRYPTION_DESCRIPTOR] if self.enc_key is not None else None
+        results: list[WriteResult] = []
+        checksums: dict[int, int] = {}
+        # Byte items first, then tensors, as FileSystemWriter orders them.
+        items = sorted(plan.items, key=lambda it: it.type != WriteItemType.BYTE_IO)
+        mode = 0o600 if self.enc_key is not None else None
+        with atomic_write(os.path.join(staging, name), mode=mode) as f:
+            out = HashingWriter(f, self.checksum)
+            for item in items:
+                start = out.tell()
+                self._write_chunk(out, planner.resolve_data(item))
+                length = out.tell() - start
+                checksums[start] = out.digest_and_reset()
+                results.append(
+                    WriteResult(item.index, length, _StorageInfo(name, start, length, descriptors))
+                )
+        # The checksums travel to the coordinator as one extra result that
+        # finish() moves out of the chunk table (commit.publish).
+        extras = {"file": name, "rank": rank, "checksums": checksums}
+        results.append(WriteResult(MetadataIndex(f"{EXTRAS_KEY}/{rank}"), 0, extras))
+        return results
+
+    def _write_chunk(self, out: HashingWriter, data: io.BytesIO | torch.Tensor) -> None:
+        target: Any = out
+        sealer = None
+        if self.enc_key is not None:
+            from torchaux.checkpoint.crypto import EncryptingWriter
+
+            sealer = EncryptingWriter(out, self.enc_key, self.enc_mode)  # type: ignore[arg-type]
+            target = sealer
+        try:
+            if isinstance(data, io.BytesIO):
+                target.write(data.getbuffer())
+            else:
+                tensor = data.detach()
+                if tensor.device.type != "cpu":
+                    tensor = tensor.cpu()
+                if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+                    # torch.save writes a view's whole storage; keep only the chunk.
+                    tensor = tensor.clone(memory_format=torch.contiguous_format)
+                torch.save(tensor, target)
+            if sealer is not None:
+                sealer.finish()
+        except BaseException:
+            if sealer is not None:
+                sealer.abort()
+            raise

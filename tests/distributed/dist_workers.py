@@ -1,0 +1,243 @@
+"""Spawned-rank helpers for the torchaux.distributed tests (gloo on CPU, 127.0.0.1).
+
+Imported by name from the test modules and by the spawned children (the
+spawn start method passes ``sys.path`` on).  Each worker does several checks
+per process group, so the suite pays the start-up of the ranks few times.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}",
+        timeout=timedelta(seconds=120),
+    )
+
+
+def _entry(rank: int, fn_name: str, world: int, port: int, args: tuple[Any, ...]) -> None:
+    init(rank, world, port)
+    try:
+        globals()[fn_name](rank, world, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run(fn_name: str, world: int, *args: Any) -> None:
+    """Run ``fn_name(rank, world, *args)`` on ``world`` spawned ranks; re-raise a failure."""
+    mp.start_processes(
+        _entry, args=(fn_name, world, free_port(), args), nprocs=world, start_method="spawn"
+    )
+
+
+# -- the model -------------------------------------------------------------------
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 6))
+
+
+def fsdp_model(world: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_model()
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(8, 12, generator=gen)
+    loss = model(x).square().mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def state(model: nn.Module, opt: torch.optim.Optimizer, world: int, step: int) -> dict[str, Any]:
+    """FSDP2 model + optimizer, a replicated tensor (DDP-like), a column-sharded DTensor, values."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    msd, osd = get_state_dict(model, opt)
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(step)
+    tp = distribute_tensor(torch.randn(5, 17), mesh, [Shard(1)])
+    return {"model": msd, "optim": osd, "rep": torch.arange(10.0) + step, "tp": tp,
+            "step": step, "meta": {"lr": 0.01, "name": "mlp"}}
+
+
+def full(obj: Any) -> Any:
+    """Every DTensor replaced by its full tensor (a collective: call on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, DTensor):
+        return obj.full_tensor().clone()
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: full(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(full(v) for v in obj)
+    return obj
+
+
+def assert_same(a: Any, b: Any, path: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), f"{path}: {type(b)}"
+        assert a.shape == b.shape and torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert set(map(str, a)) == set(map(str, b)), f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
+        bb = {str(k): v for k, v in b.items()}
+        for k, v in a.items():
+            assert_same(v, bb[str(k)], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+def fresh_state(world: int) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, Any]]:
+    """A differently trained model whose state dict has the checkpoint's structure."""
+    model, opt = fsdp_model(world)
+    train(model, opt, step=999)
+    sd = state(model, opt, world, step=-5)
+    sd["step"], sd["meta"] = 0, {"lr": 0.0, "name": ""}
+    return model, opt, sd
+
+
+def load_and_check(world: int, directory: str, expected_path: str, **kw: Any) -> None:
+    import torchaux.distributed as td
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    model, opt, sd = fresh_state(world)
+    td.load(sd, directory, **kw)
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    got = full(sd)
+    expected = torch.load(expected_path, weights_only=True)
+    assert_same(expected, got)
+
+
+# -- workers ------------------------------------------------------------------------
+
+
+def save_fsdp(rank: int, world: int, directory: str, expected_path: str) -> None:
+    """save_async of FSDP2+Adam, a replicated and a TP tensor; mutate at once; load back."""
+    import torchaux.distributed as td
+
+    model, opt = fsdp_model(world)
+    for step in range(2):
+        train(model, opt, step)
+    sd = state(model, opt, world, step=2)
+    expected = full(sd)
+    handle = td.save_async(sd, directory, timeout=60)
+    train(model, opt, step=7)  # the snapshot was taken at the call
+    with torch.no_grad():
+        sd["rep"].add_(100)
+    assert handle.wait(60) == os.path.abspath(directory)
+    if rank == 0:
+        torch.save(expected, expected_path)
+    dist.barrier()
+    load_and_check(world, directory, expected_path)
+
+
+def load_fsdp(rank: int, world: int, directory: str, expected_path: str) -> None:
+    load_and_check(world, directory, expected_path)
+
+
+def interop(rank: int, world: int, root: str) -> None:
+    """Stock DCP <-> torchaux both ways, dcp.async_save (thread, process) on torchaux."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    import torchaux.distributed as td
+
+    model, opt = fsdp_model(world)
+    train(model, opt, 0)
+    sd = state(model, opt, world, step=1)
+    expected_path = os.path.join(root, "expected.pt")
+    expected = full(sd)
+    if rank == 0:
+        torch.save(expected, expected_path)
+    dist.barrier()
+    # stock writer -> torchaux reader
+    stock = os.path.join(root, "stock")
+    dcp.save(sd, checkpoint_id=stock)
+    load_and_check(world, stock, expected_path)
+    # dcp.async_save (thread) with torchaux writer + stager -> stock reader
+    stager = td.Stager()
+    ours = os.path.join(root, "ours")
+    fut = dcp.async_save(sd, storage_writer=td.StorageWriter(ours), async_stager=stager)
+    fut.result()
+    model2, opt2, sd2 = fresh_state(world)
+    dcp.load(sd2, checkpoint_id=ours)  # stock FileSystemReader
+    got = full(sd2)
+    assert_same({k: expected[k] for k in ("model", "optim", "rep", "tp")},
+                {k: got[k] for k in ("model", "optim", "rep", "tp")})
+    # process checkpointer type
+    proc = os.path.join(root, "proc")
+    fut = dcp.async_save(sd, storage_writer=td.StorageWriter(proc), async_stager=stager,
+                         async_checkpointer_type=AsyncCheckpointerType.PROCESS)
+    fut.result()
+    load_and_check(world, proc, expected_path)
+    stager.close()
+
+
+def failing_rank(rank: int, world: int, directory: str) -> None:
+    """A rank whose write fails: nobody commits, every rank raises naming it."""
+    import torchaux.distributed as td
+    from torchaux.distributed.writer import StorageWriter
+    from torchaux.errors import CheckpointError
+
+    sd = {"w": torch.full((4,), float(rank)), "step": 1}
+    td.save(sd, directory, timeout=30)
+    if rank == 1:
+        def broken(self: Any, *a: Any, **k: Any) -> Any:
+            raise OSError(28, "No space left on device (injected)")
+
+        StorageWriter._write_rank_file = broken  # type: ignore[method-assign]
+    sd2 = {"w": torch.full((4,), 10.0 + rank), "step": 2}
+    try:
+        td.save(sd2, directory, timeout=30)
+    except CheckpointError as exc:
+        assert rank == 0 or "nothing was committed" in str(exc), exc
+        if rank == 0:
+            assert "rank 1" in str(exc) and "No space left" in str(exc), str(exc)
+    except OSError:
+        assert rank == 1
+    else:
+        raise AssertionError("the save with a failed rank committed")
+    dist.barrier()
+    out = td.load_full(directory)
+    assert out["step"] == 1, out
+
+
+def report_exc(queue: Any, exc: BaseException, elapsed: float) -> None:
+    queue.put(("err", type(exc).__name__, str(exc), elapsed, traceback.format_exc()))
