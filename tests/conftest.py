@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "checkpoint"))
 pytest.register_assert_rewrite("compare", "sinks")
 
 from torchaux import AsyncSaver  # noqa: E402
+# The local S3 server (moto) and a fresh bucket per test, for the remote-storage tests.
+from s3_server import s3_bucket, s3_endpoint  # noqa: E402,F401
 from torchaux.checkpoint.engine import fence  # noqa: E402
 
 #: Seconds a teardown waits for a saver to flush before the test errors out.

@@ -42,6 +42,12 @@ _DEFAULTS: dict[str, int] = {
     "encryption_chunk_bytes": 4 << 20,
     # Cipher threads; 0 = automatic (1 for AES-GCM, one per core up to 8 for CBC).
     "encryption_workers": 0,
+    # Bytes per part of a remote (S3) upload; S3 needs >= 5 MiB for all parts but
+    # the last.  16 MiB keeps (concurrency + 1) part buffers at 80 MiB
+    # (checkpoint/storage/remote.py; measured against s3fs put_file in docs/benchmarks.md).
+    "upload_part_bytes": 16 << 20,
+    # Parts of one remote upload in flight at once (s3fs's put_file default is 10).
+    "upload_concurrency": 4,
 }
 
 _overrides: dict[str, int] = {}
@@ -101,6 +107,16 @@ def encryption_workers() -> int | None:
     """Cipher threads, or None for automatic (``TORCHAUX_ENCRYPTION_WORKERS``)."""
     n = _get("encryption_workers")
     return n if n > 0 else None
+
+
+def upload_part_bytes() -> int:
+    """Bytes per part of a remote multipart upload (``TORCHAUX_UPLOAD_PART_BYTES``)."""
+    return max(1, _get("upload_part_bytes"))
+
+
+def upload_concurrency() -> int:
+    """Parts of one remote upload in flight at once (``TORCHAUX_UPLOAD_CONCURRENCY``)."""
+    return max(1, _get("upload_concurrency"))
 
 
 @contextlib.contextmanager

@@ -13,12 +13,18 @@ from torch.serialization import DEFAULT_PROTOCOL
 from torchaux.checkpoint.engine import fence, staging
 from torchaux.checkpoint.formats.torch_save.writer import archive_name_for, write_torch_save
 from torchaux.checkpoint.engine.saver import AsyncSaver, SaveHandle, default_saver
+from torchaux.checkpoint.storage import remote
 
 __all__ = ["save_async"]
 
 
-def _check_target(f: object, who: str = "save_async") -> str | None:
-    """Validate ``f``; return the absolute path, or None for a file object."""
+def _check_target(
+    f: object, who: str = "save_async", storage_options: dict[str, Any] | None = None
+) -> str | None:
+    """Validate ``f``; return the absolute path (or the URL), or None for a file object."""
+    remote.check_storage_options(storage_options, f)
+    if remote.is_url(f):  # fsspec URL: checked and written by storage/remote.py
+        return remote.check_target(f, storage_options, who)  # type: ignore[arg-type]
     if isinstance(f, (str, os.PathLike)):
         path = os.fsdecode(f)
         if path == "":
@@ -111,6 +117,7 @@ def save_async(
     model: torch.nn.Module | None = None,
     *,
     saver: AsyncSaver | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> SaveHandle:
     """Save ``obj`` like ``torch.save`` without waiting for the disk.
 
@@ -133,6 +140,9 @@ def save_async(
         _disable_byteorder_record: omit the ``byteorder`` record, as torch.save.
         model: the module being trained; enables the overlapped mode above.
         saver: the :class:`AsyncSaver` to use (default: the process-wide one).
+        storage_options: fsspec options for a URL ``f`` such as
+            ``"s3://bucket/key.pt"`` (credentials, ``client_kwargs``); the
+            object appears only once its upload completes.
 
     Returns:
         A :class:`SaveHandle`; ``handle.wait()`` blocks until the file is
@@ -159,7 +169,7 @@ def save_async(
         pickle_module, pickle_protocol, _use_new_zipfile_serialization,
         _disable_byteorder_record, model,
     )
-    path = _check_target(f)
+    path = _check_target(f, storage_options=storage_options)
     if saver is not None and not isinstance(saver, AsyncSaver):
         raise TypeError(f"saver must be an AsyncSaver or None, got {type(saver).__name__}")
     saver = saver or default_saver()
@@ -181,7 +191,7 @@ def save_async(
         if path is None:
             write_torch_save(snap, f, disable_byteorder_record=_disable_byteorder_record)  # type: ignore[arg-type]
             return None
-        with saver.sink(path) as out:
+        with remote.sink_for(path, saver.sink, storage_options)(path) as out:
             write_torch_save(
                 snap, out, archive_name=archive_name_for(path),
                 disable_byteorder_record=_disable_byteorder_record,

@@ -28,6 +28,7 @@ from torchaux.checkpoint.save import (
     HEADER_CRC_KEY,
     header_crc,
 )
+from torchaux.checkpoint.storage import remote
 from torchaux.errors import DecryptionError, IntegrityError
 
 __all__ = [
@@ -75,8 +76,11 @@ def detect_format(head: bytes) -> str:
     )
 
 
-def _read_plain(path: str, dec_key: bytes | None, dec_mode: str | None) -> bytes:
-    with open(path, "rb") as f:
+def _read_plain(
+    path: str, dec_key: bytes | None, dec_mode: str | None,
+    storage_options: dict[str, Any] | None = None,
+) -> bytes:
+    with (remote.open_for_read(path, storage_options) if remote.is_url(path) else open(path, "rb")) as f:
         head = f.read(16)
         f.seek(0)
         if not head:
@@ -194,6 +198,7 @@ def load_checkpoint(
     crc_check: bool = False,
     format: str | None = None,
     map_location: Any = "cpu",
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (or any name -> tensor torch.save file).
 
@@ -213,6 +218,8 @@ def load_checkpoint(
         format: ``None`` (detect), ``"ckpt"`` or ``"safetensors"``; a file of
             another format raises ``ValueError``.
         map_location: where tensors go, as for ``torch.load`` (default CPU).
+        storage_options: fsspec options when ``ckpt_file_name`` is a URL
+            such as ``"s3://bucket/net.ckpt"``.
 
     Returns:
         ``name -> tensor`` (plus int/float/bool/str entries saved via ``append_dict``).
@@ -244,10 +251,14 @@ def load_checkpoint(
         raise TypeError(f"crc_check must be a bool; got {type(crc_check).__name__}")
     if format is not None and format not in FORMATS:
         raise ValueError(f"format must be None (detect), 'ckpt' or 'safetensors'; got {format!r}")
-    path = os.path.realpath(os.fsdecode(ckpt_file_name))
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint file {path!r} does not exist (or is not a file)")
-    data = _read_plain(path, dec_key, dec_mode)
+    options = remote.check_storage_options(storage_options, ckpt_file_name) or None
+    if remote.is_url(ckpt_file_name):  # read by storage/remote.py; missing -> ValueError
+        path = str(ckpt_file_name)
+    else:
+        path = os.path.realpath(os.fsdecode(ckpt_file_name))
+        if not os.path.isfile(path):
+            raise ValueError(f"checkpoint file {path!r} does not exist (or is not a file)")
+    data = _read_plain(path, dec_key, dec_mode, options)
     found = detect_format(data[:16])
     if format is not None and found != format:
         raise ValueError(f"{path} is a {found!r} checkpoint, but format={format!r} was requested")

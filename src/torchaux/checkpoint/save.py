@@ -28,6 +28,7 @@ import torch
 from torchaux import _knobs
 from torchaux.checkpoint.engine import staging
 from torchaux.checkpoint.api import _check_target
+from torchaux.checkpoint.storage import remote
 from torchaux.checkpoint.storage.commit import atomic_write
 from torchaux.checkpoint.formats.torch_save.writer import archive_name_for, write_torch_save
 from torchaux.checkpoint.named import Value, check_append_dict, collect_named
@@ -62,7 +63,7 @@ def header_crc(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str])
     }
     return f"{zlib.crc32(json.dumps(doc, sort_keys=True).encode()):08x}"
 _ASYNC = {False: None, True: "thread", "thread": "thread", "process": "process"}
-_KWARGS = {"remove_redundancy", "file_mode", "saver"}
+_KWARGS = {"remove_redundancy", "file_mode", "saver", "storage_options"}
 _DEFAULT_FILE_MODE = 0o600
 
 
@@ -218,7 +219,8 @@ def save_checkpoint(
         crc_check: record a CRC-32 that :func:`load_checkpoint` checks.
         format: ``"ckpt"`` (torch.save zip, loads with ``torch.load``) or
             ``"safetensors"`` (loads with ``safetensors.torch.load_file``).
-        **kwargs: ``file_mode`` (default ``0o600``), ``remove_redundancy``
+        **kwargs: ``storage_options`` (fsspec options for an ``s3://`` URL
+            ``ckpt_file_name``), ``file_mode`` (default ``0o600``), ``remove_redundancy``
             (written to safetensors metadata) and ``saver`` (an AsyncSaver).
 
     Returns:
@@ -245,7 +247,13 @@ def save_checkpoint(
         )
     _check_encryption(enc_key, enc_mode)
     named = collect_named(save_obj, choice_func, check_append_dict(append_dict))
-    path = _check_target(ckpt_file_name, "save_checkpoint")
+    storage_options = kwargs.get("storage_options")
+    if remote.is_url(ckpt_file_name) or storage_options is not None:
+        if mode == "process":
+            raise ValueError("async_save='process' writes local files only; use True for a URL")
+        path = _check_target(ckpt_file_name, "save_checkpoint", storage_options)
+    else:
+        path = _check_target(ckpt_file_name, "save_checkpoint")
     assert path is not None  # a str/PathLike target always yields a path
     if format == "safetensors":
         tensors, metadata = _safetensors_parts(named, redundancy, crc_check)
@@ -264,7 +272,9 @@ def save_checkpoint(
         saver = saver or default_process_saver()
     saver = saver or default_saver()
     sink = saver.sink
-    if sink is atomic_write:
+    if remote.is_url(path):
+        sink = remote.sink_for(path, sink, storage_options)
+    elif sink is atomic_write:
         sink = functools.partial(atomic_write, mode=file_mode)
     write = WriteSpec(format, path, sink, enc_key, enc_mode, crc_check, names, metadata)
     saver.reserve()

@@ -1,0 +1,131 @@
+"""Manager steps on a local file system: temp directory, then one atomic rename.
+
+A step is written into ``.step-<N>.torchaux-tmp-<pid>-<token>/`` beside its
+final name (the state file through the engine's atomic, fsynced commit, then
+the metadata file), and published with one directory rename
+(:func:`~torchaux.checkpoint.storage.directory.publish_directory`); deletion
+renames it away first (:func:`~torchaux.checkpoint.storage.retire.retire_directory`).
+Every rename and delete goes through :mod:`torchaux.checkpoint.storage`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from torchaux.checkpoint.storage.commit import atomic_write
+from torchaux.checkpoint.storage.directory import publish_directory, remove_stale, remove_tree
+from torchaux.checkpoint.storage.retire import (
+    make_temp_dir,
+    remove_stale_temp_dirs,
+    retire_directory,
+)
+from torchaux.manager.steps import (
+    LATEST_NAME,
+    METADATA_NAME,
+    STATE_NAME,
+    StepInfo,
+    decode_metadata,
+    encode_metadata,
+    parse_step,
+    step_name,
+)
+
+__all__ = ["LocalStore"]
+
+
+class LocalStore:
+    """The steps under one local directory (created if missing).
+
+    Example:
+        >>> store = LocalStore(os.path.join(doctest_tmp, "run"))
+        >>> target = store.state_target(1)
+        >>> with store.commit(target, StepInfo(1, {"loss": 0.5})) as f:
+        ...     _ = f.write(b"state")
+        >>> store.committed()
+        [StepInfo(step=1, metrics={'loss': 0.5}, encrypted=None)]
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        # realpath: the engine resolves links in targets, and the manager matches
+        # the paths it hands out against the ones the writer gets back.
+        path = os.path.realpath(os.fsdecode(directory))
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(
+                f"checkpoint directory {path!r} exists and is not a directory; pass a folder"
+            )
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(
+                f"checkpoint directory {path!r} cannot be created ({exc.strerror}); "
+                "pass a writable folder"
+            ) from exc
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(
+                f"checkpoint directory {path!r} is not writable by this process; "
+                "fix its permissions or pass another folder"
+            )
+        self.location = path
+
+    def step_path(self, step: int) -> str:
+        return os.path.join(self.location, step_name(step))
+
+    def state_path(self, step: int) -> str:
+        """The state file of a committed step."""
+        return os.path.join(self.step_path(step), STATE_NAME)
+
+    def state_target(self, step: int) -> str:
+        """Create the step's temp directory; return the state file path to save to."""
+        return os.path.join(make_temp_dir(self.step_path(step)), STATE_NAME)
+
+    def discard(self, target: str) -> None:
+        """Remove the temp directory of a save that never reached the writer."""
+        remove_tree(os.path.dirname(target))
+
+    @contextlib.contextmanager
+    def commit(self, target: str, info: StepInfo) -> Iterator[BinaryIO]:
+        """Sink for ``target`` (from :meth:`state_target`): on clean exit the step is committed."""
+        tmp = os.path.dirname(target)
+        try:
+            with atomic_write(target) as f:
+                yield f
+            with atomic_write(os.path.join(tmp, METADATA_NAME)) as m:
+                m.write(encode_metadata(info))
+            publish_directory(tmp, self.step_path(info.step))
+        except BaseException:
+            remove_tree(tmp)  # a temp folder: no reader ever took it for a step
+            raise
+
+    def committed(self) -> list[StepInfo]:
+        """Every committed step, oldest first (the truth; ``latest`` is only a hint)."""
+        found = []
+        for name in os.listdir(self.location):
+            step = parse_step(name)
+            if step is None:
+                continue
+            try:
+                with open(os.path.join(self.location, name, METADATA_NAME), "rb") as f:
+                    info = decode_metadata(f.read(), name)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # not written by a manager commit
+            if info is not None and info.step == step:
+                found.append(info)
+        return sorted(found, key=lambda i: i.step)
+
+    def delete(self, step: int) -> None:
+        retire_directory(self.step_path(step))
+
+    def remove_orphans(self) -> list[str]:
+        """Temp directories and files of crashed saves and deletions (other processes')."""
+        # remove_stale: folders a replacing publish renamed aside (".torchaux-old-").
+        return remove_stale_temp_dirs(self.location) + remove_stale(self.location, [])
+
+    def write_latest(self, step: int) -> None:
+        with atomic_write(os.path.join(self.location, LATEST_NAME)) as f:
+            f.write(f"{step}\n".encode())
+
+    def open_state(self, step: int) -> BinaryIO:
+        return open(self.state_path(step), "rb")

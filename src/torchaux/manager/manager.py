@@ -1,0 +1,395 @@
+"""``CheckpointManager``: save every N steps, keep the right ones, resume from the newest complete one.
+
+What one ``save()`` does (the traps each line avoids are in
+ecosystem-anchors.md §3):
+
+1. validate the step, metrics and options before any work;
+2. ask the :class:`~torchaux.manager.policy.SavePolicy` whether this step is
+   saved (a preemption notice or ``force`` saves regardless);
+3. stage on the caller's thread with the engine (:func:`torchaux.save_async`,
+   or :func:`torchaux.save_checkpoint` when encrypting) into the step's temp
+   location; at most one save is in flight (the engine's back-pressure);
+4. on the writer thread: write, commit the state file, write the metadata
+   (commit marker) and publish the step atomically (:mod:`.local_store`,
+   :mod:`.remote_store`) - so the handle resolves only once the step counts;
+5. on the manager's background thread: update the ``latest`` pointer (a hint)
+   and delete the committed steps retention no longer keeps (never one in
+   flight, never the newest committed).
+
+Every failure - of a save, of the pointer update or of a deletion - is raised
+by the handle, or by the next ``save``, ``wait_until_finished`` or ``close``.
+A distributed step (every rank saving its shard, rank 0 committing) fits
+behind the same store interface: only :meth:`CheckpointManager._submit`
+changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any, BinaryIO
+
+import torch
+
+from torchaux.checkpoint.api import save_async
+from torchaux.checkpoint.engine.saver import AsyncSaver, SaveHandle
+from torchaux.checkpoint.storage import remote
+from torchaux.errors import SaveClosedError
+from torchaux.manager.local_store import LocalStore
+from torchaux.manager.policy import RetentionPolicy, SavePolicy
+from torchaux.manager.preemption import PreemptionWatcher, parse_signals
+from torchaux.manager.remote_store import RemoteStore
+from torchaux.manager.restore import copy_into
+from torchaux.manager.steps import StepInfo, check_metrics, check_step
+
+__all__ = ["CheckpointManager"]
+
+
+class CheckpointManager:
+    """Periodic, atomic, retained checkpoints of a training run, on a local disk or S3.
+
+    Args:
+        directory: local folder (created if missing) or ``s3://bucket/prefix``.
+        save_interval_steps: ``save`` writes steps divisible by this.
+        keep_latest: newest committed steps to keep (None: keep all).
+        keep_every_steps: also keep steps divisible by this, forever.
+        best_fn: a metric name or ``metrics -> number``; with ``keep_best``
+            the best steps are kept too.
+        best_mode: ``"min"`` or ``"max"``.
+        keep_best: best steps to keep (needs ``best_fn``).
+        async_save: return once staged (True) or once durable (False).
+        enc_key, enc_mode: encrypt every step (:func:`torchaux.save_checkpoint`;
+            the state must then be a flat ``name -> tensor/number/str`` dict).
+        storage_options: fsspec options for an ``s3://`` directory.
+        preemption: ``True`` to watch SIGTERM and SIGUSR1, or the signals to
+            watch; after one arrives the next ``save`` saves whatever the step
+            and waits until it is durable, and :meth:`reached_preemption` turns True.
+
+    Example:
+        >>> import os, torch, torchaux
+        >>> run = os.path.join(doctest_tmp, "run")
+        >>> with torchaux.CheckpointManager(run, save_interval_steps=2, keep_latest=2) as mgr:
+        ...     for step in range(7):
+        ...         _ = mgr.save(step, {"w": torch.full((2,), float(step))})
+        >>> mgr = torchaux.CheckpointManager(run)
+        >>> mgr.all_steps(), mgr.restore()["w"].tolist()
+        ([4, 6], [6.0, 6.0])
+        >>> mgr.close()
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        save_interval_steps: int = 1,
+        keep_latest: int | None = 3,
+        keep_every_steps: int | None = None,
+        best_fn: Callable[[Mapping[str, float]], float] | str | None = None,
+        best_mode: str = "min",
+        keep_best: int | None = None,
+        async_save: bool = True,
+        enc_key: bytes | None = None,
+        enc_mode: str = "AES-GCM",
+        storage_options: dict[str, Any] | None = None,
+        preemption: bool | Iterable[int] = False,
+    ) -> None:
+        if not isinstance(directory, (str, os.PathLike)) or os.fspath(directory) in ("", b""):
+            raise TypeError(
+                f"directory must be a non-empty local path or s3:// URL; got {directory!r}"
+            )
+        self._save_policy = SavePolicy(save_interval_steps)
+        self._retention = RetentionPolicy(
+            keep_latest=keep_latest, keep_every_steps=keep_every_steps,
+            best_fn=best_fn, best_mode=best_mode, keep_best=keep_best,
+        )
+        if not isinstance(async_save, bool):
+            raise TypeError(f"async_save must be a bool; got {type(async_save).__name__}")
+        if enc_key is not None:
+            from torchaux.checkpoint.crypto.header import validate_key
+
+            validate_key(enc_key, enc_mode)
+        elif not isinstance(enc_mode, str):
+            raise TypeError(f"enc_mode must be a str; got {type(enc_mode).__name__}")
+        location = os.fspath(directory)
+        self._options = remote.check_storage_options(storage_options, location) or None
+        signals = parse_signals(preemption)
+        self._store: LocalStore | RemoteStore = (
+            RemoteStore(location, self._options) if remote.is_url(location)
+            else LocalStore(location)
+        )
+        self.directory = self._store.location
+        self._async = async_save
+        self._enc_key = enc_key
+        self._enc_mode = enc_mode
+        self._lock = threading.Lock()
+        self._infos: dict[str, StepInfo] = {}  # targets submitted, not yet committed
+        self._handles: list[SaveHandle] = []
+        self._errors: list[BaseException] = []
+        self._store.remove_orphans()  # temps of crashed saves: nobody is writing them now
+        committed = self._store.committed()
+        self._last_step = committed[-1].step if committed else None
+        self._saved_since_signal = False
+        self._tasks: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._work, name="torchaux-manager", daemon=True)
+        self._worker.start()
+        self._saver = AsyncSaver(sink=self._sink, name="torchaux-manager-writer")
+        self._watcher = PreemptionWatcher(signals) if signals else None
+        self._closed = False
+
+    # -- saving -----------------------------------------------------------------
+
+    def save(
+        self, step: int, state: Any, *, metrics: Mapping[str, Any] | None = None, force: bool = False
+    ) -> SaveHandle | None:
+        """Save ``state`` as ``step`` if the interval (or ``force``, or a preemption) says so.
+
+        Returns:
+            The step's handle (``wait()`` returns once the step is committed),
+            or None when the policy skips the step.
+
+        Raises:
+            TypeError, ValueError: a non-int or negative step, a step not
+                greater than the newest saved one (unless ``force``), bad metrics.
+            Exception: an earlier background failure nobody observed.
+        """
+        if self._closed:
+            raise SaveClosedError("this CheckpointManager is closed; create a new one to save")
+        check_step(step)
+        info = StepInfo(step, check_metrics(metrics), self._enc_mode if self._enc_key else None)
+        if not isinstance(force, bool):
+            raise TypeError(f"force must be a bool; got {type(force).__name__}")
+        if not force and self._last_step is not None and step <= self._last_step:
+            raise ValueError(
+                f"step {step} is not greater than the newest saved step {self._last_step} of "
+                f"{self.directory!r}; pass force=True to save (and replace) it anyway"
+            )
+        self._raise_background_failure()
+        preempted = self._watcher is not None and self._watcher.triggered
+        if not (force or preempted or self._save_policy.should_save(step)):
+            return None
+        handle = self._submit(info, state)
+        if not self._async or preempted:
+            handle.wait()
+            if preempted:
+                self._saved_since_signal = True
+        return handle
+
+    def _submit(self, info: StepInfo, state: Any) -> SaveHandle:
+        target = self._store.state_target(info.step)
+        with self._lock:
+            self._infos[target] = info
+        try:
+            if self._enc_key is not None:
+                from torchaux.checkpoint.save import save_checkpoint
+
+                extra = {"storage_options": self._options} if self._options else {}
+                inner = save_checkpoint(
+                    state, target, async_save=True, enc_key=self._enc_key,
+                    enc_mode=self._enc_mode, saver=self._saver, **extra,
+                )
+            else:
+                inner = save_async(state, target, saver=self._saver, storage_options=self._options)
+        except BaseException:
+            with self._lock:
+                self._infos.pop(target, None)
+            self._store.discard(target)
+            raise
+        self._last_step = max(info.step, self._last_step if self._last_step is not None else -1)
+        handle = SaveHandle(self._store.state_path(info.step))
+        with self._lock:  # registered before it can fail, so no failure is dropped
+            self._handles = [h for h in self._handles if _may_still_raise(h)] + [handle]
+        _chain(inner.staged, handle.staged)
+        inner.committed.add_done_callback(lambda done: self._finished(done, inner, handle))
+        return handle
+
+    @contextlib.contextmanager
+    def _sink(self, target: str) -> Iterator[BinaryIO]:
+        # Runs on the writer thread: the step is committed when this exits cleanly.
+        with self._lock:
+            info = self._infos[target]
+        try:
+            with self._store.commit(target, info) as f:
+                yield f
+        finally:
+            with self._lock:
+                self._infos.pop(target, None)
+
+    def _finished(self, done: Future[Any], inner: SaveHandle, handle: SaveHandle) -> None:
+        # The writer thread, when the engine's handle resolves.  The failure now
+        # belongs to the manager's handle: the engine's one is marked observed.
+        exc = inner.exception()
+        if exc is not None:
+            if not handle.staged.done():
+                handle.staged.set_exception(exc)
+            handle.committed.set_exception(exc)  # raised later unless the caller waits on it
+            return
+        self._tasks.put(self._after_commit)
+        handle.committed.set_result(handle.target)
+
+    # -- background work --------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            try:
+                if task is None:
+                    return
+                task()
+            except BaseException as exc:  # noqa: BLE001 - raised by the next save/wait/close
+                with self._lock:
+                    self._errors.append(exc)
+            finally:
+                self._tasks.task_done()
+
+    def _after_commit(self) -> None:
+        committed = self._store.committed()
+        if not committed:
+            return
+        self._store.write_latest(committed[-1].step)
+        with self._lock:
+            in_flight = {info.step for info in self._infos.values()}
+        for step in self._retention.to_delete(committed):
+            if step not in in_flight:
+                self._store.delete(step)
+
+    def _raise_background_failure(self) -> None:
+        with self._lock:
+            if self._errors:
+                raise self._errors.pop(0)
+            for handle in self._handles:
+                if handle.done() and not handle._observed:
+                    exc = handle.exception()
+                    if exc is not None:
+                        raise exc
+
+    def wait_until_finished(self) -> None:
+        """Wait for the save in flight, the pointer update and deletions; raise any failure."""
+        with self._lock:
+            handles = list(self._handles)
+        for handle in handles:
+            handle.committed.exception()  # the callbacks have run once this returns
+        self._tasks.join()
+        self._raise_background_failure()
+
+    def close(self) -> None:
+        """Finish everything (raising a failure), stop the threads, restore signal handlers."""
+        if self._closed:
+            return
+        try:
+            self.wait_until_finished()
+        finally:
+            self._closed = True
+            self._tasks.put(None)
+            self._worker.join()
+            self._saver.close()
+            if self._watcher is not None:
+                self._watcher.uninstall()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as close_exc:  # the body's exception propagates; keep this one with it
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"CheckpointManager.close also failed: {close_exc!r}")
+
+    # -- reading ----------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """Every committed step, oldest first (read from storage: the truth)."""
+        return [info.step for info in self._store.committed()]
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None if there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """The committed step with the best metrics by ``best_fn``/``best_mode`` (None if none)."""
+        if self._retention.best_fn is None:
+            raise ValueError("best_step needs best_fn; pass best_fn='loss' (or a callable)")
+        best = self._retention.best(self._store.committed(), 1)
+        return best[0] if best else None
+
+    def metrics(self, step: int) -> dict[str, float]:
+        """The metrics saved with a committed step."""
+        return dict(self._committed_info(step).metrics)
+
+    def reached_preemption(self) -> bool:
+        """True once a watched signal arrived and a save after it is durable: exit the loop."""
+        return self._watcher is not None and self._watcher.triggered and self._saved_since_signal
+
+    def _committed_info(self, step: int) -> StepInfo:
+        check_step(step, "restore")
+        committed = {info.step: info for info in self._store.committed()}
+        if step not in committed:
+            raise FileNotFoundError(
+                f"step {step} is not a committed step of {self.directory!r}; committed: "
+                f"{sorted(committed)}"
+            )
+        return committed[step]
+
+    def restore(self, step: int | None = None, *, state: Any = None, map_location: Any = "cpu") -> Any:
+        """Load a committed step (default: the newest); into ``state`` in place if given.
+
+        Raises:
+            FileNotFoundError: no committed step (or not ``step``).
+        """
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(
+                    f"{self.directory!r} holds no committed step to restore; check "
+                    "latest_step() is not None first"
+                )
+        info = self._committed_info(step)
+        if info.encrypted is not None:
+            if self._enc_key is None:
+                raise ValueError(f"step {step} is encrypted ({info.encrypted}); pass enc_key")
+            from torchaux.checkpoint.load import load_checkpoint
+
+            extra = {"storage_options": self._options} if self._options else {}
+            loaded: Any = load_checkpoint(
+                self._store.state_path(step), dec_key=self._enc_key, dec_mode=info.encrypted,
+                map_location=map_location, **extra,
+            )
+        else:
+            with self._store.open_state(step) as f:
+                loaded = torch.load(f, map_location=map_location, weights_only=True)
+        return loaded if state is None else copy_into(state, loaded)
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.directory!r}, steps={self.all_steps()})"
+
+
+def _may_still_raise(handle: SaveHandle) -> bool:
+    if not handle.done():
+        return True
+    return not handle._observed and handle.committed.exception() is not None
+
+
+def _chain(source: Future[Any], target: Future[Any]) -> None:
+    def copy(done: Future[Any]) -> None:
+        exc = done.exception()
+        if target.done():
+            return
+        if exc is not None:
+            target.set_exception(exc)
+        else:
+            target.set_result(done.result())
+
+    source.add_done_callback(copy)
+
