@@ -114,6 +114,9 @@ class TorchauxCheckpointIO(_Base):  # type: ignore[misc,valid-type]
         self._lock = threading.Lock()
         self._pending: dict[str, SaveHandle] = {}
         self._handles: list[SaveHandle] = []
+        # Set once a save's on_committed has run: a Future wakes its waiters
+        # before it runs its done-callbacks, so waiting on it alone is not enough.
+        self._settled: dict[SaveHandle, threading.Event] = {}
         self._callback_errors: list[BaseException] = []
 
     def __repr__(self) -> str:  # never shows the key
@@ -151,6 +154,7 @@ class TorchauxCheckpointIO(_Base):  # type: ignore[misc,valid-type]
         with self._lock:
             self._pending[target] = handle
             self._handles.append(handle)
+            self._settled[handle] = threading.Event()
         handle.committed.add_done_callback(lambda fut: self._on_done(target, handle, fut))
         if not self.async_save:
             self._wait_handle(handle)
@@ -198,7 +202,7 @@ class TorchauxCheckpointIO(_Base):  # type: ignore[misc,valid-type]
         with self._lock:
             handles = list(self._handles)
         for handle in handles:
-            handle.committed.exception()  # waits; reporting is left to _raise_failures
+            self._settle(handle)  # waits; reporting is left to _raise_failures
         self._raise_failures()
 
     def wait(self) -> None:
@@ -259,15 +263,27 @@ class TorchauxCheckpointIO(_Base):  # type: ignore[misc,valid-type]
 
     def _on_done(self, target: str, handle: SaveHandle, fut: Any) -> None:
         # Runs on the writer thread once the save committed or failed.
-        with self._lock:
-            if self._pending.get(target) is handle:
-                del self._pending[target]
-        if fut.exception() is None and self.on_committed is not None:
-            try:
+        try:
+            if fut.exception() is None and self.on_committed is not None:
                 self.on_committed(target)
-            except BaseException as exc:  # noqa: BLE001 - re-raised at the next hook
-                with self._lock:
-                    self._callback_errors.append(exc)
+        except BaseException as exc:  # noqa: BLE001 - re-raised at the next hook
+            with self._lock:
+                self._callback_errors.append(exc)
+        finally:
+            with self._lock:
+                if self._pending.get(target) is handle:
+                    del self._pending[target]
+                settled = self._settled.pop(handle, None)
+            if settled is not None:
+                settled.set()
+
+    def _settle(self, handle: SaveHandle) -> BaseException | None:
+        exc = handle.committed.exception()
+        with self._lock:
+            settled = self._settled.get(handle)
+        if settled is not None:
+            settled.wait()
+        return exc
 
     def _wait_path(self, target: str) -> None:
         with self._lock:
@@ -276,7 +292,7 @@ class TorchauxCheckpointIO(_Base):  # type: ignore[misc,valid-type]
             self._wait_handle(handle)
 
     def _wait_handle(self, handle: SaveHandle) -> None:
-        exc = handle.committed.exception()
+        exc = self._settle(handle)
         with self._lock:
             unreported = handle in self._handles
             if exc is not None and unreported:

@@ -1,0 +1,17 @@
+"""The core import never imports a training framework."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_import_torchaux_imports_no_framework() -> None:
+    """`import torchaux` and `import torchaux.integrations` leave lightning and transformers unimported."""
+    code = (
+        "import sys, torchaux, torchaux.integrations, torchaux.cli.main\n"
+        "print(sorted(m for m in ('lightning', 'pytorch_lightning', 'lightning_fabric', "
+        "'transformers', 'accelerate') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
