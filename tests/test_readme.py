@@ -22,6 +22,10 @@ def test_readme_has_examples() -> None:
 @pytest.mark.parametrize("index", range(len(_BLOCKS)))
 def test_readme_example_runs(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """README example number ``index`` runs without error in an empty directory."""
+    # The framework drop-in examples need their framework (torchaux[lightning] / [hf]).
+    for framework in ("lightning", "transformers"):
+        if f"import {framework}" in _BLOCKS[index] or f"from {framework}" in _BLOCKS[index]:
+            pytest.importorskip(framework, reason=f"{framework} not installed")
     monkeypatch.chdir(tmp_path)
     exec(compile(_BLOCKS[index], f"README.md[python block {index}]", "exec"), {})
     torchaux.wait_saves()
