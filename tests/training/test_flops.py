@@ -522,3 +522,159 @@ def test_measure_overhead(counter: FlopsCounter) -> None:
     with pytest.raises(RuntimeError, match="stop"):
         measure_overhead(steps=1)
     counter.stop()
+
+
+# -- lifecycle and attribution (review findings f4, f5, f6, f17) --------------------------
+
+
+def test_start_keeps_a_pending_pause_and_stop_clears_it(counter: FlopsCounter) -> None:
+    """torch_npu: start() does not touch the pause flag; stop() resets it (FlopCounter.cpp)."""
+    a, b = torch.ones(3, 4), torch.ones(4, 3)
+    counter.pause()
+    counter.start()
+    _ = a @ b
+    assert counter.is_paused
+    counter.stop()
+    assert counter.get_flops() == [0, 72]
+    assert not counter.is_paused
+    counter.start()
+    _ = a @ b
+    counter.stop()
+    assert counter.get_flops() == [72, 72]
+
+
+def test_counter_whose_thread_exited_can_be_stopped_reset_and_restarted(
+    counter: FlopsCounter,
+) -> None:
+    a, b = torch.ones(3, 4), torch.ones(4, 3)
+
+    def start_and_exit() -> None:
+        counter.start()
+        _ = a @ b
+
+    t = threading.Thread(target=start_and_exit)
+    t.start()
+    t.join()
+    assert not counter.is_running
+    assert counter.get_flops() == [72, 72]
+    counter.stop()  # from another thread: ends the orphaned session, keeps the counts
+    assert counter.get_flops() == [72, 72]
+    t = threading.Thread(target=start_and_exit)
+    t.start()
+    t.join()
+    counter.reset()
+    assert counter.get_flops() == [0, 0] and not counter.is_running
+    t = threading.Thread(target=start_and_exit)
+    t.start()
+    t.join()
+    counter.start()  # a new start() takes over from the dead thread's session
+    _ = a @ b
+    counter.stop()
+    assert counter.get_flops() == [72, 72]
+
+
+def test_module_breakdown_ignores_other_threads_modules(counter: FlopsCounter) -> None:
+    """A background thread running its own modules is not charged to (or with) the step."""
+    other = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    running, stop = threading.Event(), threading.Event()
+
+    def background() -> None:
+        z = torch.randn(2, 16)
+        with torch.no_grad():
+            while not stop.is_set():
+                other(z)
+                running.set()
+
+    t = threading.Thread(target=background)
+    t.start()
+    running.wait()
+    try:
+        net, x = nn.Sequential(nn.Linear(8, 8)), torch.randn(4, 8)
+        counter.start(by_module=True)
+        for _ in range(50):
+            net(x)
+        counter.stop()
+    finally:
+        stop.set()
+        t.join()
+    modules = counter.breakdown().module_flops()
+    assert set(modules) == {"Global", "Sequential", "Sequential.0"}
+    assert modules["Sequential"].total == modules["Global"].total == 50 * 2 * 4 * 8 * 8
+
+
+def test_module_scope_closes_when_forward_raises(counter: FlopsCounter) -> None:
+    class Boom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.fc(x)
+            raise RuntimeError("simulated OOM")
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.boom, self.head = Boom(), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor, use_boom: bool = True) -> torch.Tensor:
+            out: torch.Tensor = self.head(self.boom(x) if use_boom else x)
+            return out
+
+    net, x = Net(), torch.randn(4, 8)
+    counter.start(by_module=True)
+    with pytest.raises(RuntimeError, match="simulated"):
+        net(x)
+    net(x, use_boom=False)
+    counter.stop()
+    modules = {k: v.total for k, v in counter.breakdown().module_flops().items()}
+    assert modules == {"Global": 1024, "Net": 1024, "Net.boom": 512, "Net.boom.fc": 512,
+                       "Net.head": 512}  # fmt: skip
+
+
+# -- checkpoint_contexts under torch.compile (review findings f13, f14) -------------------
+
+
+def _compiled_checkpoint(context_fn: Callable[[], object], backend: str) -> Callable[..., object]:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 16)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        out = checkpoint(lambda y: layer(y).relu(), x, use_reentrant=False, context_fn=context_fn)
+        return out.sum()  # type: ignore[no-any-return,union-attr]
+
+    return torch.compile(step, backend=backend, fullgraph=True)
+
+
+@pytest.mark.parametrize("as_lambda", [False, True])
+def test_checkpoint_contexts_under_compile_raise_a_clear_error(
+    counter: FlopsCounter, as_lambda: bool
+) -> None:
+    context_fn = (lambda: counter.checkpoint_contexts()) if as_lambda else counter.checkpoint_contexts
+    step = _compiled_checkpoint(context_fn, "aot_eager")
+    with pytest.raises(Exception, match="compile_mode='eager'"):
+        step(torch.randn(4, 16, requires_grad=True)).backward()  # type: ignore[union-attr]
+    torch._dynamo.reset()
+
+
+def test_checkpoint_contexts_in_compiled_code_split_with_compile_mode_eager(
+    counter: FlopsCounter,
+) -> None:
+    """What the docs offer instead: counting with compile_mode='eager' keeps the exact split."""
+    step = _compiled_checkpoint(counter.checkpoint_contexts, "aot_eager")
+    x = torch.randn(4, 16, requires_grad=True)
+    counter.start(compile_mode="eager")
+    step(x).backward()  # type: ignore[union-attr]
+    counter.stop()
+    forward = 2 * 4 * 16 * 16
+    assert counter.get_flops() == [3 * forward, 4 * forward]  # fwd + 2 bwd mm; + recompute
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_checkpoint_contexts_under_inductor_raise_a_clear_error(counter: FlopsCounter) -> None:
+    step = _compiled_checkpoint(counter.checkpoint_contexts, "inductor")
+    with pytest.raises(Exception, match="compile_mode='eager'"):
+        step(torch.randn(4, 16, requires_grad=True)).backward()  # type: ignore[union-attr]
+    torch._dynamo.reset()

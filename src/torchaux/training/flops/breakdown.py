@@ -19,7 +19,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import NamedTuple
 
-__all__ = ["OpFlops", "FlopsBreakdown", "format_flops"]
+__all__ = ["OpFlops", "FlopsBreakdown", "Tally", "format_flops"]
 
 # Decimal prefixes, as FLOP counts are usually quoted (1 GFLOP = 1e9 FLOPs).
 _PREFIXES = ("", "K", "M", "G", "T", "P", "E")
@@ -61,8 +61,11 @@ class FlopsBreakdown:
         by_op: operator name (e.g. ``"aten.mm"``) -> FLOPs.
         by_module: module path -> operator name -> FLOPs; empty when the
             session ran with ``by_module=False``.
-        uncounted: higher-order operators that ran without a formula (their
-            inner matmuls are not counted either); empty in most programs.
+        uncounted: operators that ran but were not counted: matmul-class
+            kernels without a formula (``coverage.py``), formulas that could
+            not tell (an unknown layout) and higher-order operators without a
+            formula (their inner matmuls are not counted either).  Each is also
+            warned about once per process; empty when everything was counted.
 
     Example:
         >>> b = FlopsBreakdown(72, 144, {"aten.mm": OpFlops(72, 144)}, {}, ())
@@ -134,3 +137,23 @@ class FlopsBreakdown:
 
     def _pct(self, flops: int) -> str:
         return f"{100 * flops / self.total_flops:.1f}%" if self.total_flops else "0.0%"
+
+
+class Tally:
+    """The counter's mutable totals, from which snapshots are taken; callers hold its lock."""
+
+    def __init__(self) -> None:
+        self.model = 0
+        self.total = 0
+        self.by_op: dict[str, list[int]] = {}
+        self.by_module: dict[str, dict[str, list[int]]] = {}
+        self.uncounted: set[str] = set()
+
+    def add(self, op: str, flops: int, *, model: bool, modules: tuple[str, ...]) -> None:
+        model_flops = flops if model else 0
+        self.model += model_flops
+        self.total += flops
+        for table in (self.by_op, *(self.by_module.setdefault(m, {}) for m in modules)):
+            entry = table.setdefault(op, [0, 0])
+            entry[0] += model_flops
+            entry[1] += flops

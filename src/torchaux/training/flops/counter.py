@@ -12,9 +12,16 @@ Differences from torch_npu, on purpose:
 
 * ``stop()`` keeps the values readable; ``start()`` and ``reset()`` zero them
   (torch_npu's ``stop()`` zeroes them, so results must be read before it).
+  As there, ``start()`` keeps a pending ``pause()`` and ``stop()`` clears it.
 * ``start()`` and ``stop()`` must run on the same thread: a dispatch mode lives
   on the calling thread's mode stack (autograd's worker threads inherit it
-  during backward; other threads you start are not counted).
+  during backward; other threads you start are not counted).  If the thread
+  that started the counter exits without ``stop()``, its mode dies with it:
+  the counter then reports ``is_running == False`` and ``stop()``,
+  ``reset()`` or a new ``start()`` from any thread end that session.
+* A matmul-class operator without a formula (see ``coverage.py``) is never
+  dropped silently: it is listed in ``breakdown().uncounted`` and warned
+  about once per process.
 * Attention counts 2 FLOPs per multiply-add like matmuls (``formulas.py``).
 
 torch.compile: the mode declares ``ignore_compile_internals()``, so Dynamo
@@ -38,31 +45,12 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from torchaux.training.flops.breakdown import FlopsBreakdown, OpFlops
+from torchaux.training.flops.breakdown import FlopsBreakdown, OpFlops, Tally
+from torchaux.training.flops.coverage import warn_uncounted_once
 from torchaux.training.flops.dispatch_mode import CountingMode
 from torchaux.training.flops.modules import ModuleScopes
 
 __all__ = ["FlopsCounter"]
-
-
-class _Tally:
-    """Mutable totals; every access holds the counter's lock."""
-
-    def __init__(self) -> None:
-        self.model = 0
-        self.total = 0
-        self.by_op: dict[str, list[int]] = {}
-        self.by_module: dict[str, dict[str, list[int]]] = {}
-        self.uncounted: set[str] = set()
-
-    def add(self, op: str, flops: int, *, model: bool, modules: tuple[str, ...]) -> None:
-        model_flops = flops if model else 0
-        self.model += model_flops
-        self.total += flops
-        for table in (self.by_op, *(self.by_module.setdefault(m, {}) for m in modules)):
-            entry = table.setdefault(op, [0, 0])
-            entry[0] += model_flops
-            entry[1] += flops
 
 
 class FlopsCounter:
@@ -96,13 +84,14 @@ class FlopsCounter:
 
     _lock: threading.Lock
     _tls: threading.local
-    _tally: _Tally
+    _tally: Tally
     _paused: bool
     _detect_recompute: bool
     _mode: CountingMode | None
     _tracker: ModuleScopes | None
     _stance: Any
     _owner: int | None
+    _owner_thread: threading.Thread | None
 
     def __new__(cls) -> FlopsCounter:
         with cls._instance_lock:
@@ -110,13 +99,14 @@ class FlopsCounter:
                 self = super().__new__(cls)
                 self._lock = threading.Lock()
                 self._tls = threading.local()
-                self._tally = _Tally()
+                self._tally = Tally()
                 self._paused = False
                 self._detect_recompute = False
                 self._mode = None
                 self._tracker = None
                 self._stance = None
                 self._owner = None
+                self._owner_thread = None
                 cls._instance = self
             return cls._instance
 
@@ -155,6 +145,7 @@ class FlopsCounter:
                 f"compile_mode must be 'runtime' or 'eager', got {compile_mode!r}"
             )
         with self._lock:
+            self._end_orphaned_session()
             if self._mode is not None:
                 raise RuntimeError(
                     f"FlopsCounter is already running (started on thread {self._owner}); "
@@ -177,21 +168,29 @@ class FlopsCounter:
                 if tracker is not None:
                     tracker.__exit__()
                 raise
-            self._tally = _Tally()
-            self._paused = False
+            self._tally = Tally()
+            # A pending pause() survives start(), as in torch_npu (FlopCounter.cpp).
             self._detect_recompute = detect_recompute
             self._owner = threading.get_ident()
+            self._owner_thread = threading.current_thread()
             self._tracker, self._stance, self._mode = tracker, stance, mode
 
     def stop(self) -> None:
         """Stop counting; the values stay readable until ``start()`` or ``reset()``.
 
+        Also clears a pending :meth:`pause` (as torch_npu's ``stop()`` does).
+        Any thread may stop a counter whose starting thread has exited.
+
         Raises:
             RuntimeError: not running, called from another thread than
-                ``start()``, or another dispatch mode entered after ``start()``
-                is still active (modes must be exited in reverse order).
+                ``start()`` while that thread is alive, or another dispatch mode
+                entered after ``start()`` is still active (modes must be exited
+                in reverse order).
         """
         with self._lock:
+            if self._end_orphaned_session():
+                self._paused = False
+                return
             if self._mode is None:
                 raise RuntimeError("FlopsCounter is not running; call start() first")
             if threading.get_ident() != self._owner:
@@ -208,14 +207,32 @@ class FlopsCounter:
                     "before calling stop()"
                 )
             self._mode.__exit__(None, None, None)  # type: ignore[no-untyped-call]
-            self._mode = None
-            if self._tracker is not None:
-                self._tracker.__exit__()
-                self._tracker = None
-            if self._stance is not None:
-                self._stance.__exit__(None, None, None)
-                self._stance = None
-            self._owner = None
+            self._close_session()
+            self._paused = False
+
+    def _close_session(self) -> None:
+        """Release what ``start()`` set up besides the mode (caller holds the lock)."""
+        self._mode = None
+        if self._tracker is not None:
+            self._tracker.__exit__()
+            self._tracker = None
+        if self._stance is not None:
+            self._stance.__exit__(None, None, None)
+            self._stance = None
+        self._owner = None
+        self._owner_thread = None
+
+    def _end_orphaned_session(self) -> bool:
+        """End a session whose starting thread exited; True if there was one.
+
+        The mode lived on that thread's dispatch stack, which died with it, so
+        nothing can be counted any more; the counts stay readable.
+        """
+        thread = self._owner_thread
+        if self._mode is None or thread is None or thread.is_alive():
+            return False
+        self._close_session()
+        return True
 
     def pause(self) -> None:
         """Exclude what runs from now on from model FLOPs (it still adds to total FLOPs).
@@ -231,6 +248,8 @@ class FlopsCounter:
     def reset(self) -> None:
         """Zero all counts and the breakdown; a running counter keeps running.
 
+        A session whose starting thread exited is ended (see :meth:`stop`).
+
         Example:
             >>> counter = FlopsCounter()
             >>> counter.reset()
@@ -238,7 +257,8 @@ class FlopsCounter:
             [0, 0]
         """
         with self._lock:
-            self._tally = _Tally()
+            self._end_orphaned_session()
+            self._tally = Tally()
 
     def get_flops(self) -> list[int]:
         """``[model_flops, total_flops]``: without and with paused/recomputed work.
@@ -253,8 +273,9 @@ class FlopsCounter:
 
     @property
     def is_running(self) -> bool:
-        """Whether ``start()`` was called without a matching ``stop()``."""
-        return self._mode is not None
+        """Whether ``start()`` was called without a matching ``stop()`` on a living thread."""
+        thread = self._owner_thread
+        return self._mode is not None and thread is not None and thread.is_alive()
 
     @property
     def is_paused(self) -> bool:
@@ -295,17 +316,36 @@ class FlopsCounter:
         finally:
             self._tls.recompute_depth -= 1
 
-    def checkpoint_contexts(
-        self,
-    ) -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
+    @staticmethod
+    def checkpoint_contexts() -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
         """``context_fn`` for non-reentrant ``torch.utils.checkpoint``: exact recompute split.
 
         ``checkpoint(fn, x, use_reentrant=False, context_fn=counter.checkpoint_contexts)``
-        wraps exactly the recomputation in :meth:`recompute_context` (eager
-        mode; under torch.compile the recomputation runs inside the compiled
-        backward and is counted as model FLOPs).
+        wraps exactly the recomputation in :meth:`recompute_context`.
+
+        Under ``torch.compile`` it raises instead of miscounting: AOTAutograd
+        calls ``context_fn`` once while tracing, and the recomputation becomes
+        part of the compiled backward, indistinguishable at run time (torch
+        2.13 ``_higher_order_ops/wrap.py``).  What works instead:
+        ``start(compile_mode="eager")`` (compiled code runs eagerly while
+        counting; the split is exact), or no ``context_fn`` (recomputation then
+        counts as model FLOPs).  Static, so Dynamo sees a plain function (a
+        bound method loses ``self`` in Dynamo's checkpoint handling).
+
+        Raises:
+            RuntimeError: called while torch.compile traces the checkpoint.
         """
-        return contextlib.nullcontext(), self.recompute_context()
+        # AOTAutograd traces the checkpoint under a proxy dispatch mode; the same
+        # test torch.utils.checkpoint uses (_is_compiling, torch 2.13).
+        tracing = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+        if torch.compiler.is_compiling() or tracing:
+            raise RuntimeError(
+                "FlopsCounter.checkpoint_contexts cannot mark recomputation inside "
+                "torch.compile (it becomes part of the compiled backward); count this step "
+                "with counter.start(compile_mode='eager') for the exact split, or drop "
+                "context_fn (recomputation then counts as model FLOPs)."
+            )
+        return contextlib.nullcontext(), FlopsCounter().recompute_context()
 
     def __enter__(self) -> FlopsCounter:
         self.start()
@@ -343,3 +383,4 @@ class FlopsCounter:
     def _note_uncounted(self, op: str) -> None:
         with self._lock:
             self._tally.uncounted.add(op)
+        warn_uncounted_once(op)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from torchaux.training.flops.coverage import is_matmul_class
 from torchaux.training.flops.registry import formula_for
 
 __all__ = ["CountingMode"]
@@ -109,10 +110,7 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]
         formula = formula_for(func)
         if isinstance(func, torch._ops.HigherOrderOperator):
             out = func(*args, **kwargs)
-            if formula is None:
-                self._note_uncounted(str(func))
-            else:
-                self._record(str(func), formula(args, kwargs, out))
+            self._report(str(func), None if formula is None else formula(args, kwargs, out))
             return out
         if formula is None:
             if func in _METADATA_OPS:
@@ -123,7 +121,18 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]
             if _decomposable(func):
                 with self:
                     return func.decompose(*args, **kwargs)
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            name = _op_name(func)
+            if is_matmul_class(name):
+                # A GEMM-like kernel nobody wrote a formula for: never drop it silently.
+                self._note_uncounted(name)
+            return out
         out = func(*args, **kwargs)
-        self._record(_op_name(func), formula(args, kwargs, out))
+        self._report(_op_name(func), formula(args, kwargs, out))
         return out
+
+    def _report(self, name: str, flops: int | None) -> None:
+        if flops is None:  # the formula could not tell (e.g. an unknown nested layout)
+            self._note_uncounted(name)
+        else:
+            self._record(name, flops)

@@ -29,6 +29,12 @@ inputs (its backward ends) -- but is built to leave torch.compile alone:
   backward ones are cleared when a backward pass ends (an engine callback,
   needed because a module whose inputs need no grad never sees its "backward
   ends" hook).
+* Two deviations from ``ModuleTracker`` (both reproduced with torch 2.13):
+  only modules run by the thread that entered the session are tracked (the
+  hooks are process-wide, so ``ModuleTracker`` also charges a background
+  thread's modules with the counting thread's FLOPs), and a module whose
+  forward raises leaves its scope (the post hook is ``always_call``; upstream
+  keeps the scope open and charges it with everything that runs afterwards).
 
 Names match ``ModuleTracker``'s: the class name of the outermost module, then
 attribute paths (``"Sequential.0.attn"``).
@@ -77,7 +83,9 @@ def _install_once() -> None:
     with _install_lock:
         if not _installed:
             nn.modules.module.register_module_forward_pre_hook(_pre_hook)
-            nn.modules.module.register_module_forward_hook(_post_hook)
+            # always_call: the hook also runs when forward raises, so a failed
+            # forward closes its scope (torch/nn/modules/module.py, _call_impl).
+            nn.modules.module.register_module_forward_hook(_post_hook, always_call=True)
             _installed = True
 
 
@@ -107,6 +115,7 @@ class ModuleScopes:
         self._live = False
         self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
         self._expanded: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._thread: int | None = None
 
     def current(self) -> tuple[str, ...]:
         """``"Global"`` and the names of the modules running now (forward or backward)."""
@@ -123,6 +132,7 @@ class ModuleScopes:
                     "module hooks feed one session at a time)"
                 )
             self._live = True
+            self._thread = threading.get_ident()
             _active = self
         return self
 
@@ -173,6 +183,10 @@ class ModuleScopes:
                 scopes[name] = depth - 1
 
     def _forward_starts(self, module: nn.Module, args: Any) -> None:
+        # Only the counting thread's modules: the hooks are process-wide, and a
+        # module running on another thread does not run under the counter's mode.
+        if threading.get_ident() != self._thread:
+            return
         name = self._name(module)
         if name is None:
             return
@@ -187,6 +201,8 @@ class ModuleScopes:
             register_multi_grad_hook(inputs, backward_ends)
 
     def _forward_ends(self, module: nn.Module, output: Any) -> None:
+        if threading.get_ident() != self._thread:
+            return
         name = self._name(module)
         if name is None:
             return

@@ -26,11 +26,13 @@ from torchaux.training.flops.formulas import (
     sdpa_backward_flops,
     sdpa_flops,
 )
+from torchaux.training.flops.fused_ops import FUSED_FORMULAS
 
 __all__ = ["Formula", "register_formula", "formula_for", "registered_ops"]
 
-#: ``formula(args, kwargs, out) -> FLOPs`` for one call of an operator.
-Formula = Callable[[tuple[Any, ...], dict[str, Any], Any], int]
+#: ``formula(args, kwargs, out) -> FLOPs`` for one call of an operator; ``None``
+#: when the call's FLOPs cannot be told (it is then reported as uncounted).
+Formula = Callable[[tuple[Any, ...], dict[str, Any], Any], "int | None"]
 
 _aten = torch.ops.aten
 _registry: dict[Any, Formula] = {}
@@ -255,6 +257,12 @@ def _register_builtins() -> None:
     # not discounted (torch 2.13 discounts only a compile-time "sparsity_hint").
     register_formula(hops.flex_attention, _sdpa)
     register_formula(hops.flex_attention_backward, _flex_backward)
+    for qualified, formula in FUSED_FORMULAS.items():
+        namespace, name = qualified.split(".", 1)
+        # Operators of libraries this build lacks (MKL, fbgemm, MPS) are not registered.
+        packet = getattr(getattr(torch.ops, namespace), name, None)
+        if packet is not None:
+            register_formula(packet, formula)
 
 
 _register_builtins()
