@@ -104,7 +104,7 @@ def check_target(url: str, storage_options: Mapping[str, Any] | None, who: str) 
     """
     fs, path = filesystem(url, storage_options)
     bucket, key, _ = fs.split_path(path)
-    if not key or key.endswith("/"):
+    if not key or key.endswith("/") or url.endswith("/"):
         raise ValueError(
             f"{who} target {url!r} names no object; pass a key such as 's3://{bucket}/model.pt'"
         )
