@@ -150,6 +150,8 @@ def _add_checkpoint_commands(sub: Any) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.manager:
+        return _bench_manager(args)
     from torchaux.cli.bench.run import BenchConfig, run_bench
     from torchaux.cli.bench.report import format_table, write_json, write_plot
 
@@ -185,6 +187,22 @@ def _bench(args: argparse.Namespace) -> int:
     return 0 if all(r["all_consistent"] and r["exact_at_call"] for r in ours) else 1
 
 
+def _bench_manager(args: argparse.Namespace) -> int:
+    import json
+
+    from torchaux.cli.bench.manager import format_manager_report, run_manager_bench
+
+    log = (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)) if args.verbose else (
+        lambda _m: None
+    )
+    results = run_manager_bench(size_mib=args.size_mib or 256, directory=args.dir, log=log)
+    print(format_manager_report(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
 _PLAIN_PROFILE = {"size_mib": 256, "steps": 30, "every": 5, "batch": 128}
 _SECURE_PROFILE = {"size_mib": 1024, "steps": 24, "every": 4, "batch": 16}
 
@@ -200,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--secure", action="store_true",
                        help="compare encrypted+CRC save_checkpoint modes with save_async "
                             "(1 GiB state) and probe cipher throughput")
+    bench.add_argument("--manager", action="store_true",
+                       help="CheckpointManager save stall vs bare save_async, and S3 upload vs "
+                            "s3fs put_file on a local moto server (needs moto[server], s3fs)")
     bench.add_argument("--size-mib", type=int, default=None,
                        help="training state size in MiB (default 256; --secure: 1024)")
     bench.add_argument("--steps", type=int, default=None,
