@@ -61,7 +61,8 @@ def _kill_during_saves(directory: str, options: dict[str, Any] | None, seed: int
     # The kill may land after a commit but before the child printed it: at most one newer.
     assert report["latest"] in (last, last + 1), (report, last)
     assert report["exact"] is True, report
-    assert report["all"][-1] == report["latest"] and len(report["all"]) <= 3, report
+    # Retention never deleted the newest committed step (it may lag: it runs in the background).
+    assert report["all"][-1] == report["latest"] and last in report["all"], report
 
 
 def _seeds(n: int) -> list[int]:

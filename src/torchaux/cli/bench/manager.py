@@ -114,7 +114,7 @@ def _stalls(rounds: int, a: Callable[[int], float], b: Callable[[int], float]) -
 
 
 def run_manager_bench(
-    *, size_mib: int = 256, rounds: int = 7, upload_rounds: int = 3,
+    *, size_mib: int = 256, rounds: int = 11, upload_rounds: int = 3,
     directory: str | None = None, s3_endpoint: str | None = None,
     log: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
