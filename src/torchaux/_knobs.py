@@ -48,6 +48,21 @@ _DEFAULTS: dict[str, int] = {
     "upload_part_bytes": 16 << 20,
     # Parts of one remote upload in flight at once (s3fs's put_file default is 10).
     "upload_concurrency": 4,
+    # Bytes of host staging buffers a saver's pool keeps between saves (in use +
+    # cached, enforced when a request misses); 0 = automatic: the most bytes the
+    # pool ever had in use at once (one state per pending save), so a state of
+    # constant sizes stays warm and changing sizes never accumulate (issue #14.5).
+    "pool_cache_bytes": 0,
+    # Seconds a saver's writer may sit idle before its cached staging buffers are
+    # freed (0: never).  10 minutes: saves more frequent than that keep warm
+    # buffers (a cold copy is ~10x slower, engine/pool.py); rarer ones give the
+    # memory back between saves (issue #15.5).
+    "pool_idle_trim_s": 600,
+    # Seconds the interpreter-exit flush waits for pending saves, in total, before
+    # abandoning them with an ERROR log (the previous file at each target stays
+    # intact).  Bounded so a hung file system cannot hang exit (issue #14.2); 10
+    # minutes covers a 100 GiB state at 200 MiB/s.  0: do not wait at all.
+    "exit_flush_timeout_s": 600,
 }
 
 _overrides: dict[str, int] = {}
@@ -117,6 +132,21 @@ def upload_part_bytes() -> int:
 def upload_concurrency() -> int:
     """Parts of one remote upload in flight at once (``TORCHAUX_UPLOAD_CONCURRENCY``)."""
     return max(1, _get("upload_concurrency"))
+
+
+def pool_cache_bytes() -> int:
+    """Byte bound of a saver's staging pool, 0 = automatic (``TORCHAUX_POOL_CACHE_BYTES``)."""
+    return max(0, _get("pool_cache_bytes"))
+
+
+def pool_idle_trim_s() -> int:
+    """Idle seconds before a writer frees its cached buffers, 0 = never (``TORCHAUX_POOL_IDLE_TRIM_S``)."""
+    return max(0, _get("pool_idle_trim_s"))
+
+
+def exit_flush_timeout_s() -> int:
+    """Seconds the exit flush waits for pending saves (``TORCHAUX_EXIT_FLUSH_TIMEOUT_S``)."""
+    return max(0, _get("exit_flush_timeout_s"))
 
 
 @contextlib.contextmanager

@@ -169,9 +169,10 @@ def test_temp_path_is_hidden_unique_and_beside_the_target(tmp_path: pathlib.Path
 
 
 def test_remove_stale_temps_spares_this_process(tmp_path: pathlib.Path) -> None:
-    """remove_stale_temps deletes other processes' temps, keeps ours and every non-temp file."""
+    """remove_stale_temps deletes dead processes' temps, keeps ours and every non-temp file."""
     pid = os.getpid()
-    other = [f".a.pt{TEMP_MARKER}{pid + 1}-00ff", f".b.pt{TEMP_MARKER}1-abcd", f".c.pt{TEMP_MARKER}{pid}0-ab"]
+    dead = [4194305, 4194306]  # above Linux's largest pid_max (2**22): never alive
+    other = [f".a.pt{TEMP_MARKER}{dead[0]}-00ff", f".b.pt{TEMP_MARKER}{dead[1]}-abcd", f".c.pt{TEMP_MARKER}{pid}0-ab"]
     own = f".a.pt{TEMP_MARKER}{pid}-1234"
     keep = ["a.pt", "notes.txt", ".hidden"]
     for name in [*other, own, *keep]:
@@ -181,3 +182,39 @@ def test_remove_stale_temps_spares_this_process(tmp_path: pathlib.Path) -> None:
     assert sorted(os.listdir(tmp_path)) == sorted([own, *keep])
     assert remove_stale_temps(str(tmp_path), other_pids_only=False) == [str(tmp_path / own)]
     assert sorted(os.listdir(tmp_path)) == sorted(keep)
+
+
+@pytest.mark.multiprocess
+def test_remove_stale_temps_spares_a_live_writer_process(tmp_path: pathlib.Path) -> None:
+    """A temp written by another process that is still running (e.g. a ProcessSaver child) is kept."""
+    import subprocess
+    import sys
+
+    writer = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        live = tmp_path / f".big.ckpt{TEMP_MARKER}{writer.pid}-beef"
+        live.write_bytes(b"in flight")
+        assert remove_stale_temps(tmp_path) == []
+        assert live.exists()
+    finally:
+        writer.communicate(b"")
+    # Dead and reaped now: its temp is stale.
+    assert remove_stale_temps(tmp_path) == [str(live)]
+
+
+def test_remove_stale_temps_of_one_pid(tmp_path: pathlib.Path) -> None:
+    """pid= removes only that writer's temps (the parent cleaning up after its crashed child)."""
+    mine = tmp_path / f".a.pt{TEMP_MARKER}{os.getpid()}-01"
+    theirs = tmp_path / f".a.pt{TEMP_MARKER}4194305-02"
+    for p in (mine, theirs):
+        p.write_bytes(b"x")
+    assert remove_stale_temps(tmp_path, pid=4194305) == [str(theirs)]
+    assert mine.exists()
+
+
+def test_remove_stale_temps_validates_arguments(tmp_path: pathlib.Path) -> None:
+    """Wrong argument types are refused before anything is listed or deleted."""
+    with pytest.raises(TypeError, match="directory must be a path"):
+        remove_stale_temps(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="pid must be an int"):
+        remove_stale_temps(tmp_path, pid="12")  # type: ignore[arg-type]

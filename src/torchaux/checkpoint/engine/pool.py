@@ -1,14 +1,45 @@
-"""Reusable host buffers for staging: warm memory makes a snapshot one memcpy."""
+"""Reusable host buffers for staging: warm memory makes a snapshot one memcpy.
+
+The pool is bounded in bytes.  Free buffers are kept (keyed by exact size and
+pinning) only up to a limit, evicting the least recently released first:
+
+* automatic (knob ``TORCHAUX_POOL_CACHE_BYTES=0``, the default): the most
+  bytes the pool has ever had in use at once, i.e. one state per pending
+  save.  A state of constant sizes stays entirely warm; a state whose sizes
+  change between saves never accumulates the sizes it no longer uses;
+* a positive knob value: that many bytes, exactly.
+
+The limit holds for the pool's *total* (in use + cached) whenever a request
+misses the cache: older free buffers are evicted before new memory is
+allocated, so a save's staging never holds more than ``max(limit, its own
+buffers)``.  :meth:`HostBufferPool.trim` frees every cached buffer (the writer
+calls it after ``TORCHAUX_POOL_IDLE_TRIM_S`` idle seconds; ``close()`` too).
+
+Locking: :meth:`~HostBufferPool.release` never blocks (buffers go through a
+lock-free return queue), so a writer thread returning buffers can never wait
+on a caller thread - in particular not on one that a signal handler
+interrupted inside :meth:`~HostBufferPool.acquire`.
+"""
 
 from __future__ import annotations
 
+import mmap
+import queue
 import threading
-from collections import defaultdict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 
 import torch
 
+from torchaux import _knobs
+
 __all__ = ["HostBufferPool"]
+
+_Key = tuple[int, bool]  # (nbytes, pinned)
+
+# Buffers from this size on get their own mapping (see _allocate); below it the
+# syscall would cost more than the 1 MiB copy it serves.
+_MMAP_BYTES = 1 << 20
 
 
 class HostBufferPool:
@@ -18,39 +49,160 @@ class HostBufferPool:
     the first save every copy lands in warm, already-faulted-in memory (a cold
     allocation costs a page fault per 4 KiB and runs ~10x slower than the copy).
 
+    Args:
+        cache_bytes: bound on the bytes kept (in use + cached) when a request
+            misses; ``None`` reads the ``TORCHAUX_POOL_CACHE_BYTES`` knob at each
+            use (0 there: automatic, the peak bytes in use at once).
+
     >>> pool = HostBufferPool()
     >>> a = pool.acquire(16, pinned=False)
     >>> pool.release([a])
     >>> pool.acquire(16, pinned=False) is a
     True
+    >>> pool.release([a]); _ = pool.trim(); pool.cached_bytes()
+    0
     """
 
-    def __init__(self) -> None:
-        self._free: dict[tuple[int, bool], list[torch.UntypedStorage]] = defaultdict(list)
-        self._lock = threading.Lock()
+    def __init__(self, cache_bytes: int | None = None) -> None:
+        if cache_bytes is not None and (not isinstance(cache_bytes, int) or cache_bytes < 0):
+            raise ValueError(f"cache_bytes must be an int >= 0 or None, found {cache_bytes!r}")
+        self._cache_bytes = cache_bytes
+        self._reset()
+
+    def _reset(self) -> None:
+        self._free: dict[_Key, deque[torch.UntypedStorage]] = {}
+        # id(buffer) -> (key, buffer), oldest release first: the eviction order.
+        self._lru: OrderedDict[int, tuple[_Key, torch.UntypedStorage]] = OrderedDict()
+        self._returned: queue.SimpleQueue[list[torch.UntypedStorage]] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # caller side only; release() never takes it blocking
+        self._cached = 0
+        self._in_use = 0
+        self._peak = 0
+
+    # -- what subclasses change ------------------------------------------------
+
+    def _allocate(self, nbytes: int, pinned: bool) -> torch.UntypedStorage:
+        if pinned:
+            return torch.empty((nbytes,), dtype=torch.uint8, pin_memory=True).untyped_storage()
+        if nbytes >= _MMAP_BYTES:
+            # Its own anonymous mapping, so evicting it gives the memory back to the
+            # OS at once.  From malloc, a buffer below glibc's dynamic mmap threshold
+            # (up to 32 MiB, mallopt(3)) lands in the heap, and freed buffers of
+            # changing sizes fragment it and stay resident.
+            private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}
+            memory = mmap.mmap(-1, nbytes, **private)  # type: ignore[arg-type]
+            return torch.frombuffer(memory, dtype=torch.uint8).untyped_storage()
+        return torch.UntypedStorage(nbytes)
+
+    def _discard(self, buffers: list[torch.UntypedStorage]) -> None:
+        """Free evicted buffers (the caller holds no other reference to them)."""
+        buffers.clear()
+
+    def _key(self, buf: torch.UntypedStorage) -> _Key:
+        return (buf.nbytes(), buf.is_pinned())
+
+    # -- bookkeeping (under self._lock) --------------------------------------------
+
+    def limit(self) -> int:
+        """The byte bound in force now (see the module docstring)."""
+        configured = _knobs.pool_cache_bytes() if self._cache_bytes is None else self._cache_bytes
+        return configured if configured > 0 else self._peak
+
+    def _drain_locked(self) -> None:
+        while True:
+            try:
+                batch = self._returned.get_nowait()
+            except queue.Empty:
+                return
+            for buf in batch:
+                key = self._key(buf)
+                self._free.setdefault(key, deque()).append(buf)
+                self._lru[id(buf)] = (key, buf)
+                self._cached += key[0]
+                self._in_use -= key[0]
+
+    def _evict_locked(self, keep_bytes: int) -> list[torch.UntypedStorage]:
+        evicted: list[torch.UntypedStorage] = []
+        while self._cached > max(keep_bytes, 0) and self._lru:
+            _, (key, buf) = self._lru.popitem(last=False)
+            # Per size, buffers are released and reused in order, so the oldest
+            # buffer overall is the leftmost of its size.
+            oldest = self._free[key].popleft()
+            assert oldest is buf
+            if not self._free[key]:
+                del self._free[key]
+            self._cached -= key[0]
+            evicted.append(buf)
+        return evicted
+
+    # -- public ----------------------------------------------------------------------
 
     def acquire(self, nbytes: int, *, pinned: bool) -> torch.UntypedStorage:
         """Return a buffer of exactly ``nbytes`` bytes (warm if one is free)."""
+        key = (nbytes, pinned)
+        buf: torch.UntypedStorage | None = None
         with self._lock:
-            free = self._free.get((nbytes, pinned))
+            self._drain_locked()
+            free = self._free.get(key)
             if free:
-                return free.pop()
-        if pinned:
-            return torch.empty((nbytes,), dtype=torch.uint8, pin_memory=True).untyped_storage()
-        return torch.UntypedStorage(nbytes)
+                buf = free.pop()
+                del self._lru[id(buf)]
+                self._cached -= nbytes
+                if not free:
+                    del self._free[key]
+                evicted: list[torch.UntypedStorage] = []
+            else:
+                # A miss: make room first, so old sizes are freed before new memory is touched.
+                evicted = self._evict_locked(self.limit() - self._in_use - nbytes)
+            self._in_use += nbytes
+            self._peak = max(self._peak, self._in_use)
+        self._discard(evicted)
+        if buf is not None:
+            return buf
+        try:
+            return self._allocate(nbytes, pinned)
+        except BaseException:
+            with self._lock:
+                self._in_use -= nbytes
+            raise
 
     def release(self, buffers: Iterable[torch.UntypedStorage]) -> None:
-        """Give buffers back for the next save."""
-        with self._lock:
-            for buf in buffers:
-                self._free[(buf.nbytes(), buf.is_pinned())].append(buf)
+        """Give buffers back for the next save (never blocks)."""
+        batch = list(buffers)
+        if batch:
+            self._returned.put(batch)
+        del batch
+        # Enforce the bound now if no caller is inside acquire(); else that caller does.
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drain_locked()
+                evicted = self._evict_locked(self.limit() - self._in_use)
+            finally:
+                self._lock.release()
+            self._discard(evicted)
 
     def cached_bytes(self) -> int:
         """Bytes held in free buffers."""
         with self._lock:
-            return sum(n * len(v) for (n, _), v in self._free.items())
+            self._drain_locked()
+            return self._cached
+
+    def trim(self, *, blocking: bool = True) -> bool:
+        """Free every cached buffer; with ``blocking=False`` skip (False) if the pool is busy."""
+        if not self._lock.acquire(blocking=blocking):
+            return False
+        try:
+            self._drain_locked()
+            evicted = self._evict_locked(0)
+        finally:
+            self._lock.release()
+        self._discard(evicted)
+        return True
 
     def clear(self) -> None:
         """Drop every free buffer (memory returns to the allocator)."""
-        with self._lock:
-            self._free.clear()
+        self.trim()
+
+    def _after_fork_in_child(self) -> None:
+        # Another thread may have held the lock at fork; the child starts afresh.
+        self._reset()

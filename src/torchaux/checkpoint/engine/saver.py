@@ -3,32 +3,42 @@
 One saver owns one host buffer pool and one writer thread.  Saves are written
 in submission order (two saves to one path can never race).  Back-pressure:
 at most ``max_pending`` saves hold staging buffers at once (default one, knob
-``TORCHAUX_MAX_PENDING_SAVES``), so peak extra host memory is bounded by that
-many copies of the state; a new save waits in :meth:`AsyncSaver.reserve`.
+``TORCHAUX_MAX_PENDING_SAVES``); a new save waits in :meth:`AsyncSaver.reserve`.
+Two kinds of save never wait there, because waiting could never end: a save
+from a thread that is itself inside a save of this saver (a signal handler
+that interrupted staging - the preemption pattern) and a save from the
+writer thread (a done-callback).  They take one extra slot with their own
+scratch buffers.
 
-Failures are never lost.  A failed save's original exception is re-raised by
-:meth:`SaveHandle.wait`, by :func:`wait_saves`, or - if nobody looked at it -
-by the next save on the same saver.  At interpreter exit every saver is
-flushed; a failure found then is logged at ERROR level (nothing can be raised).
+Failures are never lost and reported once.  A failed save's original
+exception is raised by :meth:`SaveHandle.wait` / ``handle.committed.result()``
+/ ``.exception()`` (each counts as observed), by :func:`wait_saves`, or - if
+nobody looked at it - by the next save on the same saver.
+
+Exit and fork: :mod:`.lifecycle`.  A saver dropped without :meth:`AsyncSaver.close`
+is collected and its writer thread ends (the thread holds it only during a save).
 """
 
 from __future__ import annotations
 
-import atexit
+import contextlib
 import logging
+import os
 import queue
 import threading
 import weakref
-import contextlib
 from collections.abc import Callable
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from torchaux import _knobs
+from torchaux.checkpoint.engine import lifecycle
+from torchaux.checkpoint.engine.lifecycle import wait_saves
+from torchaux.checkpoint.engine.handle import SaveHandle, deadlock_error, serving
+from torchaux.checkpoint.engine.pool import HostBufferPool
+from torchaux.checkpoint.engine.staging import Snapshot
 from torchaux.checkpoint.storage.commit import atomic_write
-from torchaux.checkpoint.engine.staging import HostBufferPool, Snapshot
 from torchaux.errors import SaveClosedError
 
 if TYPE_CHECKING:
@@ -39,64 +49,18 @@ __all__ = ["AsyncSaver", "SaveHandle", "wait_saves", "default_saver"]
 _log = logging.getLogger("torchaux")
 
 
-class SaveHandle:
-    """The two phases of one asynchronous save.
-
-    Attributes:
-        staged: resolves (to ``None``) once the snapshot is fully on the host;
-            from then on nothing the caller does can change the file.
-        committed: resolves to the file path (or ``None`` for a file object)
-            once the file is complete, renamed into place and fsynced.
-    """
-
-    def __init__(self, target: str | None) -> None:
-        self.target = target
-        self.staged: Future[None] = Future()
-        self.committed: Future[str | None] = Future()
-        self._observed = False
-
-    def wait(self, timeout: float | None = None) -> str | None:
-        """Block until committed; re-raise the save's original exception if it failed.
-
-        A failure counts as observed once it has been raised here.
-
-        Raises:
-            TimeoutError: ``timeout`` seconds passed first.
-        """
-        try:
-            result = self.committed.result(timeout)
-        except FutureTimeoutError:
-            raise  # still pending: a later failure must still be reported
-        except BaseException:
-            self._observed = True
-            raise
-        self._observed = True
-        return result
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        """Wait like :meth:`wait` but return the failure instead of raising it."""
-        exc = self.committed.exception(timeout)  # TimeoutError leaves it unobserved
-        self._observed = True
-        return exc
-
-    def done(self) -> bool:
-        """True once the save has committed or failed."""
-        return self.committed.done()
-
-    def __repr__(self) -> str:
-        state = "pending"
-        if self.committed.done():
-            state = "failed" if self.committed.exception() is not None else "committed"
-        elif self.staged.done():
-            state = "staged"
-        return f"SaveHandle(target={self.target!r}, {state})"
+@dataclass
+class _Reservation:
+    slot: bool  # holds one of the max_pending slots
+    pool: HostBufferPool | None  # scratch buffers of an extra (never-waiting) save
 
 
 @dataclass
 class _Job:
-    snapshot: Snapshot
-    write: Callable[[Snapshot], str | None]
+    snapshot: Snapshot | None
+    write: Callable[[Snapshot], str | None] | None
     handle: SaveHandle
+    reservation: _Reservation
 
 
 #: Opens the destination of a path save; yields a binary file and commits on
@@ -104,7 +68,9 @@ class _Job:
 #: tests inject failing or gated sinks here.
 Sink = Callable[[str], contextlib.AbstractContextManager[BinaryIO]]
 
-_savers: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
+
+def _stop_writer(box: dict[str, Any]) -> None:
+    box["jobs"].put(None)  # the saver was collected: its writer thread ends
 
 
 class AsyncSaver:
@@ -118,9 +84,8 @@ class AsyncSaver:
         name: name of the writer thread.
         writer_cores: pin the writer thread to these cores (torch_npu's
             ``core_range`` forms, e.g. ``[2, 3]``), or ``"spare"`` for every core
-            the constructing (training) thread is *not* bound to - useful once
-            the trainer itself is pinned, so serialisation never steals its
-            cores.  ``None`` (default) leaves the writer unpinned.
+            the constructing (training) thread is *not* bound to.  ``None``
+            (default) leaves the writer unpinned.
 
     Example:
         >>> import os, torch, torchaux
@@ -142,64 +107,137 @@ class AsyncSaver:
         limit = _knobs.max_pending_saves() if max_pending is None else max_pending
         if not isinstance(limit, int) or limit < 1:
             raise ValueError(f"max_pending must be an int >= 1, found {limit!r}")
-        self.pool = HostBufferPool()
-        self.sink = sink
-        self._slots = threading.BoundedSemaphore(limit)
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._pending: set[SaveHandle] = set()
-        self._unobserved: list[SaveHandle] = []
-        self._closed = False
-        self._name = name
         # Imported here: torchaux.training imports the checkpoint engine (graph
         # dumps are written through it), so a module-level import would be circular.
         from torchaux.training.affinity import _parse, cores_excluding, get_thread_affinity
 
         if writer_cores == "spare":
-            spare = cores_excluding(get_thread_affinity())
             # No spare core (the trainer may use all of them): stay unpinned.
-            writer_cores = spare or None
+            writer_cores = cores_excluding(get_thread_affinity()) or None
         elif isinstance(writer_cores, str):
             raise ValueError(f"writer_cores must be a core range, 'spare' or None, got {writer_cores!r}")
         elif writer_cores is not None:
             _parse(writer_cores)  # ValueError now, not later on the writer thread
+        self._pool = HostBufferPool()
+        self.sink = sink
+        self._limit = limit
+        self._name = name
         self._writer_cores = writer_cores
+        self._closed = False
+        self._box: dict[str, Any] = {}
+        self._fresh_state()
+        weakref.finalize(self, _stop_writer, self._box).atexit = False
+        lifecycle.register(self)
+
+    def _fresh_state(self) -> None:
+        self._slots = threading.BoundedSemaphore(self._limit)
+        self._box["jobs"] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job | None] = self._box["jobs"]
+        # Guards starting the writer thread (RLock: a signal handler may save while
+        # its thread holds it).  The writer never takes it while it runs, and the
+        # bookkeeping below uses only operations that are atomic under the GIL, so
+        # the writer can never wait on a caller (nor on a signal-interrupted one).
+        self._lock = threading.RLock()
+        self._pending: dict[SaveHandle, _Job] = {}
+        self._unobserved: list[SaveHandle] = []
+        self._reservations = threading.local()
         self._thread: threading.Thread | None = None
-        _savers.add(self)
 
     # -- caller side ----------------------------------------------------------
+
+    def _held(self) -> list[_Reservation]:
+        held = getattr(self._reservations, "stack", None)
+        if held is None:
+            held = self._reservations.stack = []
+        return held  # type: ignore[no-any-return]
+
+    def _on_writer_thread(self) -> bool:
+        return getattr(serving, "jobs", None) is self._jobs
+
+    @property
+    def pool(self) -> HostBufferPool:
+        """The staging pool for the current thread's save (scratch for an extra save)."""
+        held = self._held()
+        if held and held[-1].pool is not None:
+            return held[-1].pool
+        return self._pool
+
+    @pool.setter
+    def pool(self, value: HostBufferPool) -> None:
+        self._pool = value
 
     def reserve(self) -> None:
         """Wait for a free staging slot, then surface unobserved earlier failures.
 
         Call before staging; pair with :meth:`submit` (which keeps the slot) or
-        :meth:`cancel_reservation`.  Raises the original exception of the oldest
-        failed save that nobody observed.
+        :meth:`cancel_reservation`, on the same thread.  Raises the original
+        exception of the oldest failed save that nobody observed.
         """
         if self._closed:
             raise SaveClosedError("this AsyncSaver is closed; create a new one to save again")
-        self._slots.acquire()
+        held = self._held()
+        if held or self._on_writer_thread():
+            # Waiting here could never end (see the module docstring): take an extra slot.
+            held.append(_Reservation(False, type(self._pool)()))
+        else:
+            # Pushed before waiting, so a signal handler running during the wait sees it.
+            held.append(_Reservation(False, None))
+            try:
+                self._slots.acquire()
+            except BaseException:
+                held.pop()
+                raise
+            held[-1].slot = True
         failure = self._pop_unobserved()
         if failure is not None:
-            self._slots.release()
+            self.cancel_reservation()
             raise failure
 
     def cancel_reservation(self) -> None:
         """Give back a slot taken by :meth:`reserve` without submitting."""
-        self._slots.release()
+        held = self._held()
+        if not held:
+            raise RuntimeError("cancel_reservation() without a reserve() on this thread")
+        self._give_back(held.pop())
+
+    def _give_back(self, reservation: _Reservation) -> None:
+        if reservation.pool is not None:
+            reservation.pool.clear()
+        if reservation.slot:
+            self._slots.release()
 
     def submit(
         self, snapshot: Snapshot, write: Callable[[Snapshot], str | None], target: str | None
     ) -> SaveHandle:
         """Queue ``write(snapshot)`` on the writer thread; returns its handle."""
-        handle = SaveHandle(target)
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
-            self._pending.add(handle)
-        self._queue.put(_Job(snapshot, write, handle))
+        held = self._held()
+        reservation = held.pop() if held else _Reservation(False, None)
+        handle = SaveHandle(target, self._jobs)
+        job = _Job(snapshot, write, handle, reservation)
+        self._pending[handle] = job
+        if not self._start_writer():
+            # No thread can be started (interpreter shutdown, cpython#113964): write here.
+            self._execute(job)
+            return handle
+        self._jobs.put(job)
         return handle
+
+    def _start_writer(self) -> bool:
+        if self._thread is not None and self._thread.is_alive():
+            return True  # without the lock: the writer itself saves from callbacks
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return True
+            thread = threading.Thread(
+                target=_writer_loop, args=(weakref.ref(self), self._jobs, self._writer_cores),
+                name=self._name, daemon=True,
+            )
+            try:
+                thread.start()
+            except RuntimeError:
+                return False
+            self._thread = thread
+            return True
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for every pending save; raise the first failure nobody observed.
@@ -215,11 +253,12 @@ class AsyncSaver:
     # The two steps of waiting, overridable by subclasses (graph dumps add CUDA
     # graph replays to wait for and callback failures to report).
     def _wait_pending(self, timeout: float | None) -> None:
-        with self._lock:
-            pending = list(self._pending)
+        pending = list(self._pending)
+        if pending and self._on_writer_thread():
+            raise deadlock_error("waiting for pending saves")
         for handle in pending:
             # Waits without marking the handle observed; a failure stays queued.
-            handle.committed.exception(timeout)
+            Future.exception(handle.committed, timeout)
 
     def close(self, timeout: float | None = None) -> None:
         """Flush pending saves, stop the writer thread and free the pool."""
@@ -228,68 +267,107 @@ class AsyncSaver:
         finally:
             self._closed = True
             if self._thread is not None:
-                self._queue.put(None)
+                self._jobs.put(None)
                 self._thread.join(timeout)
-            self.pool.clear()
+            self._pool.clear()
 
     def _pop_unobserved(self) -> BaseException | None:
         # One failure per call: the others stay queued and are raised by the
-        # next save or wait, so no failure is ever dropped.
-        with self._lock:
-            self._unobserved = [h for h in self._unobserved if not h._observed]
-            if not self._unobserved:
+        # next save or wait, so no failure is ever dropped.  list.pop is atomic,
+        # so two threads never get the same failure.
+        while True:
+            try:
+                handle = self._unobserved.pop(0)
+            except IndexError:
                 return None
-            handle = self._unobserved.pop(0)
-        handle._observed = True
-        return handle.committed.exception()
+            if not handle._observed:
+                handle._observed = True
+                return Future.exception(handle.committed)
 
     # -- writer thread ----------------------------------------------------------
-
-    def _run(self) -> None:
-        if self._writer_cores is not None:
-            from torchaux.training.affinity import set_thread_affinity
-
-            try:
-                set_thread_affinity(self._writer_cores)
-            except (ValueError, OSError) as exc:
-                # Pinning is an optimisation: an unpinned writer still saves
-                # correctly, so report the problem and keep serving saves.
-                _log.warning("torchaux: could not pin the writer thread (%s); running unpinned", exc)
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            self._execute(job)
 
     def _execute(self, job: _Job) -> None:
         handle = job.handle
         error: BaseException | None = None
         result: str | None = None
         try:
+            assert job.snapshot is not None and job.write is not None
             job.snapshot.finish_staging()
             handle.staged.set_result(None)
             result = job.write(job.snapshot)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller below
             error = exc
         finally:
-            job.snapshot.release(self.pool)
-        with self._lock:
-            self._pending.discard(handle)
+            # Drop every per-save reference (the target file object, the write
+            # closure, the snapshot) before anyone is told the save is done.
+            snapshot, job.snapshot, job.write = job.snapshot, None, None
+            if snapshot is not None:
+                snapshot.release(job.reservation.pool or self._pool)
+            del snapshot
+        try:
+            self._pending.pop(handle, None)
             if error is not None:
                 self._unobserved.append(handle)
+        finally:
+            # The slot goes back before the futures resolve: a done-callback or a
+            # waiter that saves again finds it free.
+            self._give_back(job.reservation)
         if error is None:
             handle.committed.set_result(result)
         else:
             if not handle.staged.done():
                 handle.staged.set_exception(error)
             handle.committed.set_exception(error)
-        # Release last: a caller that waited on `committed` and saves again
-        # sees the failure bookkeeping above before it gets the slot.
-        self._slots.release()
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's writer thread does not exist here and its locks may be
+        # held by parent threads; pending saves belong to the parent.
+        pending = list(self._pending.items())
+        self._fresh_state()
+        self._pool._after_fork_in_child()
+        for handle, job in pending:
+            lifecycle.orphan(handle, job.snapshot)
+
+    def _exit_cleanup(self, deadline: float) -> None:
+        """Release what outlives the threads at exit (a process saver stops its child)."""
+
+
+def _writer_loop(
+    ref: weakref.ReferenceType[AsyncSaver], jobs: queue.SimpleQueue[_Job | None], cores: Any
+) -> None:
+    # Holds the saver only while a job runs, so a dropped saver can be collected.
+    serving.jobs = jobs
+    if cores is not None:
+        from torchaux.training.affinity import set_thread_affinity
+
+        try:
+            set_thread_affinity(cores)
+        except (ValueError, OSError) as exc:
+            # Pinning is an optimisation: an unpinned writer still saves
+            # correctly, so report the problem and keep serving saves.
+            _log.warning("torchaux: could not pin the writer thread (%s); running unpinned", exc)
+    trimmed = True
+    while True:
+        idle = _knobs.pool_idle_trim_s()
+        try:
+            job = jobs.get() if trimmed or idle <= 0 else jobs.get(timeout=idle)
+        except queue.Empty:
+            saver = ref()
+            trimmed = saver is None or saver._pool.trim(blocking=False)
+            del saver
+            continue
+        if job is None:
+            return
+        saver = ref()
+        if saver is None:
+            return
+        saver._execute(job)
+        trimmed = False
+        del saver, job
 
 
 _default: AsyncSaver | None = None
-_default_lock = threading.Lock()
+_default_lock = threading.RLock()  # RLock: a signal handler may save from inside default_saver()
 
 
 def default_saver() -> AsyncSaver:
@@ -301,42 +379,10 @@ def default_saver() -> AsyncSaver:
         return _default
 
 
-def wait_saves(timeout: float | None = None) -> None:
-    """Wait for every pending save in the process; raise the first unobserved failure.
-
-    Args:
-        timeout: seconds to wait for each pending save (``None``: no limit).
-
-    Raises:
-        The original exception of the first failed save that nobody had
-        observed through :meth:`SaveHandle.wait` or an earlier call.
-
-    Example:
-        >>> import torch, torchaux, os
-        >>> h = torchaux.save_async(torch.ones(2), os.path.join(doctest_tmp, "w.pt"))
-        >>> torchaux.wait_saves()
-        >>> h.done()
-        True
-    """
-    savers = list(_savers)
-    for saver in savers:
-        saver._wait_pending(timeout)
-    for saver in savers:
-        failure = saver._pop_unobserved()
-        if failure is not None:
-            raise failure  # any further failures stay queued for the next call
+def _reset_default_lock() -> None:
+    global _default_lock
+    _default_lock = threading.RLock()  # a parent thread may have held it at fork
 
 
-def _flush_at_exit() -> None:
-    # Pending saves finish before the interpreter exits (torch_npu gets the same
-    # effect from non-daemon threads); failures cannot be raised any more, so
-    # each one is logged with its traceback.
-    while True:
-        try:
-            wait_saves()
-            return
-        except BaseException as exc:  # noqa: BLE001 - reported, nothing left to raise to
-            _log.error("torchaux: a checkpoint save failed and was never waited for", exc_info=exc)
-
-
-atexit.register(_flush_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_default_lock)

@@ -130,25 +130,71 @@ def atomic_write(
         _fsync_directory(os.path.dirname(target))
 
 
-def remove_stale_temps(directory: str, *, other_pids_only: bool = True) -> list[str]:
+def _temp_pid(name: str) -> int | None:
+    """The writer pid in a temp name (``.<name>.torchaux-tmp-<pid>-<token>``), None if malformed."""
+    pid = name.rsplit(TEMP_MARKER, 1)[1].split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def _pid_alive(pid: int) -> bool:
+    # Signal 0 checks existence without sending anything (kill(2)).  Windows has
+    # no such probe (os.kill would terminate the process): assume alive there.
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
+def remove_stale_temps(
+    directory: str | os.PathLike[str], *, other_pids_only: bool = True, pid: int | None = None
+) -> list[str]:
     """Delete temp files that crashed saves left in ``directory``.
+
+    A temp file names the process writing it.  By default only temps of
+    processes that no longer exist on this host are removed: this process's
+    own, a live writer process's (a ``ProcessSaver`` child writes under its own
+    pid) and any other running process's in-flight temps are kept.  Pids are
+    only meaningful on one host: on a file system shared between hosts, run it
+    where no other host is saving into ``directory``.
 
     Args:
         directory: the checkpoint directory to clean.
-        other_pids_only: keep temps of this process (it may be writing them now).
+        other_pids_only: keep temps of live processes, this one included
+            (False: remove every temp file, in-flight ones too).
+        pid: remove only the temps written by this (dead) process.
 
     Returns:
         The paths removed.
 
+    Raises:
+        TypeError: ``directory`` is not a path or ``pid`` not an int.
+        NotADirectoryError, FileNotFoundError: ``directory`` is not a directory.
+
     Example:
-        >>> open(os.path.join(doctest_tmp, ".a.pt.torchaux-tmp-1-ab"), "wb").close()
+        >>> dead = 4194305  # above Linux's largest pid_max (2**22): never a live process
+        >>> open(os.path.join(doctest_tmp, f".a.pt.torchaux-tmp-{dead}-ab"), "wb").close()
         >>> [os.path.basename(p) for p in remove_stale_temps(doctest_tmp)]
-        ['.a.pt.torchaux-tmp-1-ab']
+        ['.a.pt.torchaux-tmp-4194305-ab']
     """
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a path, got {type(directory).__name__}")
+    if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool)):
+        raise TypeError(f"pid must be an int or None, got {type(pid).__name__}")
+    directory = os.fspath(directory)
     removed = []
-    own = f"{TEMP_MARKER}{os.getpid()}-"
     for name in os.listdir(directory):
-        if TEMP_MARKER not in name or (other_pids_only and own in name):
+        if TEMP_MARKER not in name:
+            continue
+        writer = _temp_pid(name)
+        if pid is not None:
+            if writer != pid:
+                continue
+        elif other_pids_only and writer is not None and (writer == os.getpid() or _pid_alive(writer)):
             continue
         full = os.path.join(directory, name)
         with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,85 @@
+"""HostBufferPool: warm reuse, a byte bound with LRU eviction, trim, and a release that never blocks."""
+
+from __future__ import annotations
+
+
+import pytest
+from sinks import WAIT_S, background
+
+from torchaux import _knobs
+from torchaux.checkpoint.engine.pool import HostBufferPool
+
+MiB = 1 << 20
+
+
+def _save_like(pool: HostBufferPool, sizes: list[int]) -> None:
+    """What one save does with the pool: acquire every buffer, then give them all back."""
+    pool.release([pool.acquire(n, pinned=False) for n in sizes])
+
+
+def test_constant_sizes_stay_warm() -> None:
+    """A state of constant sizes is served from the cache every time (same buffer objects)."""
+    pool = HostBufferPool()
+    first = [pool.acquire(n, pinned=False) for n in (MiB, 2 * MiB)]
+    pool.release(first)
+    again = [pool.acquire(n, pinned=False) for n in (MiB, 2 * MiB)]
+    assert [id(b) for b in again] == [id(b) for b in first]
+
+
+def test_changing_sizes_do_not_accumulate() -> None:
+    """40 saves whose sizes change every time: the cache never holds more than the largest save."""
+    pool = HostBufferPool()
+    largest = 0
+    for step in range(1, 41):
+        sizes = [4 * MiB, step * 64 * 1024]
+        largest = max(largest, sum(sizes))
+        _save_like(pool, sizes)
+        assert pool.cached_bytes() <= largest
+    assert pool.cached_bytes() <= largest
+
+
+def test_explicit_bound_is_enforced() -> None:
+    """TORCHAUX_POOL_CACHE_BYTES caps what stays cached between saves."""
+    with _knobs.override(pool_cache_bytes=3 * MiB):
+        pool = HostBufferPool()
+        _save_like(pool, [MiB, MiB, MiB, MiB, MiB])
+        assert pool.cached_bytes() == 3 * MiB
+    bounded = HostBufferPool(cache_bytes=MiB)
+    _save_like(bounded, [MiB, 2 * MiB])
+    assert bounded.cached_bytes() <= MiB
+
+
+def test_a_miss_evicts_before_allocating() -> None:
+    """A new size evicts the least recently released buffers first, so old sizes never pile up."""
+    pool = HostBufferPool()
+    _save_like(pool, [MiB])
+    old = pool.acquire(MiB, pinned=False)
+    pool.release([old])
+    pool.acquire(MiB + 1, pinned=False)  # peak is 1 MiB: the cached 1 MiB buffer must go
+    assert pool.cached_bytes() == 0
+
+
+def test_trim_and_clear_free_everything() -> None:
+    """trim() (idle) and clear() (close) leave nothing cached."""
+    pool = HostBufferPool()
+    _save_like(pool, [MiB, 16])
+    assert pool.trim() is True and pool.cached_bytes() == 0
+    _save_like(pool, [MiB])
+    pool.clear()
+    assert pool.cached_bytes() == 0
+
+
+def test_release_never_blocks_on_a_busy_pool() -> None:
+    """release() returns while another thread holds the pool's lock (a writer never waits on a caller)."""
+    pool = HostBufferPool()
+    buf = pool.acquire(64, pinned=False)
+    with pool._lock:
+        assert background(pool.release, [buf]).result(WAIT_S) is None
+        assert pool.trim(blocking=False) is False  # the idle trim skips a busy pool
+    assert pool.cached_bytes() == 64
+
+
+def test_bad_bound_is_refused() -> None:
+    """cache_bytes must be a non-negative int."""
+    with pytest.raises(ValueError, match="cache_bytes must be an int >= 0"):
+        HostBufferPool(cache_bytes=-1)
