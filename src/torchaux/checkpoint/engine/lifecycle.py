@@ -48,6 +48,7 @@ def savers() -> list[Any]:
 
 
 _exit_deadline: list[float] = []  # set by the first exit pass: the budget is shared
+_abandoned: weakref.WeakSet[Any] = weakref.WeakSet()  # handles already reported as abandoned
 
 
 def wait_saves(timeout: float | None = None) -> None:
@@ -120,11 +121,14 @@ def _flush_at_exit() -> None:
     except KeyboardInterrupt:
         _exit_deadline[0] = 0.0  # the user wants out: later passes do not wait either
         left = [h for s in savers_now for h in s._pending if not h.done()]
+        _abandoned.update(left)
         _log.error(
             "torchaux: exit flush interrupted (Ctrl-C); abandoning %d pending save(s) to %s; "
             "the previous file at each target is intact", len(left), [h.target for h in left],
         )
     else:
+        left = [h for h in left if h not in _abandoned]  # each reported once
+        _abandoned.update(left)
         if left:
             _log.error(
                 "torchaux: %d save(s) to %s still pending after the %d s exit flush timeout "
