@@ -409,3 +409,21 @@ def test_crashed_childs_temp_file_is_removed(tmp_path: Any, fresh: list[ProcessS
         handle.wait(WAIT_S)
     assert os.listdir(out) == []
     s.sink = atomic_write
+
+
+def test_dropped_process_saver_stops_its_child_and_frees_segments(tmp_path: Any) -> None:
+    """A ProcessSaver dropped without close(): its child ends, its thread ends, no segment remains."""
+    import gc
+
+    s = ProcessSaver()
+    _save(tmp_path / "a.ckpt", s).wait(WAIT_S)
+    segments = [shm.name.lstrip("/") for shm in s.pool._segments.values()]
+    proc, thread = s._proc, s._thread
+    assert segments and proc is not None and thread is not None
+    del s
+    gc.collect()
+    thread.join(WAIT_S)
+    assert not thread.is_alive()
+    proc.join(WAIT_S)
+    assert not proc.is_alive()
+    assert set(segments) & set(os.listdir("/dev/shm")) == set()
