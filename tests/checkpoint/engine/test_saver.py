@@ -573,3 +573,49 @@ def test_close_and_idle_trim_free_the_pool(make_saver: MakeSaver, tmp_path: path
     assert other.pool.cached_bytes() > 0
     other.close()
     assert other.pool.cached_bytes() == 0
+
+
+def _in_function(thread_id: int, name: str) -> bool:
+    frame = sys._current_frames().get(thread_id)
+    while frame is not None:
+        if frame.f_code.co_name == name:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs POSIX signals")
+def test_save_from_a_signal_handler_while_waiting_for_a_slot(
+    make_saver: MakeSaver, tmp_path: pathlib.Path
+) -> None:
+    """The signal lands while the main thread waits in reserve() for the only slot: no hang."""
+    saver, sink, blocker = busy_writer(make_saver, tmp_path)
+    saver._slots.acquire()  # the busy writer holds one slot; take the second: max_pending is now full
+    handler_saving = threading.Event()
+    done: list[str | None] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        handler_saving.set()
+        done.append(torchaux.save_async({"em": 1}, tmp_path / "em.pt", saver=saver).wait(WAIT_S))
+
+    main = threading.get_ident()
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + WAIT_S
+        while not _in_function(main, "reserve") and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling where the main thread is, not timing it
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert handler_saving.wait(WAIT_S)
+        saver._slots.release()
+        sink.release()
+
+    helper = background(interrupt)
+    old = signal.signal(signal.SIGUSR1, on_signal)
+    try:
+        regular = torchaux.save_async(state(5), tmp_path / "reg.pt", saver=saver)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    helper.result(WAIT_S)
+    assert done == [str(tmp_path / "em.pt")]
+    assert regular.wait(WAIT_S) == str(tmp_path / "reg.pt")
+    blocker.wait(WAIT_S)
