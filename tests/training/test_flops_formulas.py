@@ -171,3 +171,17 @@ def test_mfu() -> None:
         kwargs = {"flops_per_step": 1.0, "step_time_s": 1.0, "peak_flops_per_s": 1.0} | bad
         with pytest.raises(ValueError, match=next(iter(bad))):
             mfu(**kwargs)  # type: ignore[arg-type]
+
+
+def test_mfu_accepts_numpy_numbers_and_rejects_lists_clearly() -> None:
+    """Review finding f16: numpy ints were rejected and a list raised a bare TypeError."""
+    import numpy as np
+
+    assert mfu(np.float64(3.0e12), 0.5, 1.0e13, n_devices=np.int64(2)) == pytest.approx(0.3)
+    assert mfu(torch.tensor(3.0e12), 0.5, 1.0e13) == pytest.approx(0.6)
+    with pytest.raises(TypeError, match="flops_per_step must be a real number, got list"):
+        mfu([1, 2], 1, 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="flops_per_step must be a finite number"):
+        mfu(10**400, 1, 1)
+    with pytest.raises(ValueError, match="n_devices must be an int >= 1, got float"):
+        mfu(1, 1, 1, n_devices=2.0)  # type: ignore[arg-type]

@@ -11,15 +11,41 @@ datasheet number, and accelerators differ by dtype and sparsity).
 from __future__ import annotations
 
 import math
+import operator
 
 __all__ = ["mfu"]
 
 
-def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not (math.isfinite(value) and ok):
+def _real(name: str, value: object, *, allow_zero: bool = False) -> float:
+    """``value`` as a finite float, > 0 (or >= 0); Python, numpy and 0-d tensor numbers alike."""
+    if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):
+        raise TypeError(
+            f"mfu: {name} must be a real number, got {type(value).__name__} ({value!r}); "
+            "pass one number per step, e.g. FlopsCounter().get_flops()[0]"
+        )
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise ValueError(f"mfu: {name} must be a finite number, got {value!r}") from exc
+    ok = number >= 0 if allow_zero else number > 0
+    if not (math.isfinite(number) and ok):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"mfu: {name} must be a finite number {bound}, got {value!r}")
+    return number
+
+
+def _count(name: str, value: object) -> int:
+    """``value`` as an int >= 1: Python and numpy integers, never bools or floats."""
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        number = None
+    if isinstance(value, bool) or number is None or number < 1:
+        raise ValueError(
+            f"mfu: {name} must be an int >= 1, got {type(value).__name__} {value!r}; "
+            "pass the number of devices that shared the step"
+        )
+    return number
 
 
 def mfu(
@@ -48,8 +74,9 @@ def mfu(
         A fraction; 0.4 means 40 % of peak.
 
     Raises:
+        TypeError: a count, time or peak that is not a real number (a list).
         ValueError: a negative or non-finite count, a non-positive time or peak,
-            or ``n_devices`` < 1.
+            or ``n_devices`` not an integer >= 1 (numpy integers are accepted).
 
     Example:
         >>> mfu(3.0e12, 0.5, 1.0e13)
@@ -57,9 +84,7 @@ def mfu(
         >>> round(mfu(6.0e12, 0.5, 1.0e13, n_devices=2), 3)
         0.6
     """
-    _check_positive("flops_per_step", flops_per_step, allow_zero=True)
-    _check_positive("step_time_s", step_time_s)
-    _check_positive("peak_flops_per_s", peak_flops_per_s)
-    if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
-        raise ValueError(f"mfu: n_devices must be an int >= 1, got {n_devices!r}")
-    return flops_per_step / step_time_s / (peak_flops_per_s * n_devices)
+    flops = _real("flops_per_step", flops_per_step, allow_zero=True)
+    seconds = _real("step_time_s", step_time_s)
+    peak = _real("peak_flops_per_s", peak_flops_per_s)
+    return flops / seconds / (peak * _count("n_devices", n_devices))
