@@ -241,3 +241,46 @@ def failing_rank(rank: int, world: int, directory: str) -> None:
 
 def report_exc(queue: Any, exc: BaseException, elapsed: float) -> None:
     queue.put(("err", type(exc).__name__, str(exc), elapsed, traceback.format_exc()))
+
+
+# -- SIGKILL of one rank during repeated saves ----------------------------------------------
+
+KILL_ELEMS = 1 << 16  # 256 KiB of float32 per rank: saves take a few milliseconds
+
+
+def kill_state(step: int, mesh: Any) -> dict[str, Any]:
+    """Every value derives from ``step``, so a torn checkpoint shows as mixed steps.
+
+    Built with ``from_local`` (no collective): once a peer is dead, only the
+    save may notice, never the test's own set-up.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    local = torch.full((KILL_ELEMS,), float(step))
+    sharded = DTensor.from_local(local, mesh, [Shard(0)], run_check=False)
+    return {"sharded": sharded, "replicated": torch.full((1000,), float(step)), "step": step}
+
+
+def kill_loop(rank: int, world: int, port: int, directory: str, queue: Any, timeout: float) -> None:
+    """Save steps 0, 1, 2, ... until a save fails; report each outcome on ``queue``."""
+    import time
+
+    import torchaux.distributed as td
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    init(rank, world, port)
+    mesh = init_device_mesh("cpu", (world,))
+    step = 0
+    while True:
+        sd = kill_state(step, mesh)
+        start = time.monotonic()
+        try:
+            td.save(sd, directory, timeout=timeout)
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            report_exc(queue, exc, time.monotonic() - start)
+            queue.close()
+            queue.join_thread()  # flush the report before the hard exit
+            os._exit(0)  # the group is broken: no destroy_process_group (it would hang)
+        queue.put(("ok", rank, step))
+        step += 1

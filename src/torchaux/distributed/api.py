@@ -219,8 +219,8 @@ def _dcp_errors() -> Iterator[None]:
     try:
         yield
     except CheckpointException as exc:
-        for failure in exc.failures.values():
-            original = getattr(failure, "exc", failure)
+        for failure in exc.failures.values():  # rank -> (exception, stack summary)
+            original = failure[0] if isinstance(failure, tuple) else failure
             if isinstance(original, BaseException):
                 raise original from exc
         raise
@@ -250,6 +250,7 @@ def load(
         raise TypeError(f"state_dict must be a dict; found {type(state_dict).__name__}")
     reader = StorageReader(_check_dir(checkpoint_dir), dec_key=dec_key, dec_mode=dec_mode)
     no_dist = not dist.is_initialized()
+    reader.read_metadata()  # DCP turns metadata errors into strings: raise ours first
     with _dcp_errors(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp_load(state_dict, storage_reader=reader, planner=SafeLoadPlanner(),
@@ -265,6 +266,7 @@ def load_full(
     """
     reader = StorageReader(_check_dir(checkpoint_dir), dec_key=dec_key, dec_mode=dec_mode)
     out: dict[str, Any] = {}
+    reader.read_metadata()
     with _dcp_errors():
         _load_state_dict(out, storage_reader=reader, planner=SafeFullLoadPlanner(), no_dist=True)
     return out

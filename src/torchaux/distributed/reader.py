@@ -110,18 +110,27 @@ class StorageReader(_DcpStorageReader):
         self.verify = verify
         self.storage_data: dict[Any, Any] = {}
         self.extras: dict[str, Any] | None = None
+        self._metadata: Metadata | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.storage_data = {}
         self.extras = None
         if checkpoint_id:
-            self.path = os.path.abspath(os.fspath(checkpoint_id))
+            path = os.path.abspath(os.fspath(checkpoint_id))
+            if path != self.path:
+                self.path, self._metadata = path, None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        metadata = read_metadata(self.path)
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        return metadata
+        if kwargs.get("rank") is not None:
+            # DCP's fallback to rank-local metadata (use_collectives=False saves),
+            # which torchaux never writes.
+            raise FileNotFoundError(f"{self.path}: no rank-local metadata (torchaux writes one .metadata)")
+        if self._metadata is None:
+            metadata = read_metadata(self.path)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            self._metadata = metadata  # read once: load() reads it first to raise our errors
+        return self._metadata
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
