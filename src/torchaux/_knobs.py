@@ -42,6 +42,10 @@ _DEFAULTS: dict[str, int] = {
     "encryption_chunk_bytes": 4 << 20,
     # Cipher threads; 0 = automatic (1 for AES-GCM, one per core up to 8 for CBC).
     "encryption_workers": 0,
+    # Seconds a distributed save (torchaux.distributed.save_async) waits for
+    # the other ranks before failing with CheckpointError; 10 minutes matches
+    # the NCCL watchdog's default, so a healthy but slow save never trips it.
+    "distributed_timeout_s": 600,
     # Bytes per part of a remote (S3) upload; S3 needs >= 5 MiB for all parts but
     # the last.  16 MiB keeps (concurrency + 1) part buffers at 80 MiB
     # (checkpoint/storage/remote.py; measured against s3fs put_file in docs/benchmarks.md).
@@ -122,6 +126,11 @@ def encryption_workers() -> int | None:
     """Cipher threads, or None for automatic (``TORCHAUX_ENCRYPTION_WORKERS``)."""
     n = _get("encryption_workers")
     return n if n > 0 else None
+
+
+def distributed_timeout_s() -> int:
+    """Seconds a distributed save waits for other ranks (``TORCHAUX_DISTRIBUTED_TIMEOUT_S``)."""
+    return max(1, _get("distributed_timeout_s"))
 
 
 def upload_part_bytes() -> int:
