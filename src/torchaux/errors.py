@@ -9,12 +9,18 @@ object, never re-wrapped or stringified.
 
 from __future__ import annotations
 
+import io
+
 __all__ = [
     "CheckpointError",
     "IntegrityError",
     "DecryptionError",
     "UnsupportedFormatError",
     "SaveClosedError",
+    "TensorChangedError",
+    "InvalidArgumentError",
+    "InvalidTargetError",
+    "NotWritableError",
 ]
 
 
@@ -36,3 +42,28 @@ class UnsupportedFormatError(CheckpointError, ValueError):
 
 class SaveClosedError(CheckpointError, RuntimeError):
     """A save was submitted to a saver that has been closed."""
+
+
+class TensorChangedError(CheckpointError, RuntimeError):
+    """A tensor of a ``save_async(model=...)`` snapshot changed in place before it was copied.
+
+    The save is not committed; the previous checkpoint is untouched.
+    """
+
+
+class InvalidArgumentError(CheckpointError, TypeError, AttributeError):
+    """An argument lacks what a save needs (a target without ``write``, a ``pickle_module`` without ``Pickler``).
+
+    An ``AttributeError`` as ``torch.save`` raises there, and a ``TypeError``.
+    """
+
+
+class InvalidTargetError(CheckpointError, ValueError, RuntimeError):
+    """A path target that cannot be written: empty, a directory, a missing parent, not a regular file.
+
+    A ``ValueError``, and a ``RuntimeError`` as ``torch.save``'s zip writer raises there.
+    """
+
+
+class NotWritableError(CheckpointError, io.UnsupportedOperation):
+    """A file object that is not open for writing (``io.UnsupportedOperation``, as ``torch.save``)."""

@@ -93,7 +93,7 @@ def test_training_loop_with_batchnorm_and_adam_saves_exact_state(saver: AsyncSav
 
 
 def test_optimizer_step_waits_until_the_model_save_is_staged(make_saver: MakeSaver, tmp_path: pathlib.Path) -> None:
-    """While a model= save is not staged, optimizer.step() in another thread blocks; the file has pre-step weights."""
+    """optimizer.step() during a model= save behind a busy writer copies first (never waits): the file has pre-step weights."""
     model = seed_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = batch(0)
@@ -102,11 +102,8 @@ def test_optimizer_step_waits_until_the_model_save_is_staged(make_saver: MakeSav
     expected = copy.deepcopy(model.state_dict())
     handle = torchaux.save_async(model.state_dict(), tmp_path / "m.pt", model=model, saver=saver)
     assert not handle.staged.done()  # model= returns before any copy
-    stepping = background(opt.step)
-    assert still_running(stepping)
-    assert not _differs(model.state_dict(), expected)  # the step has not touched the weights
+    background(opt.step).result(timeout=WAIT_S)  # not blocked behind the busy writer
     sink.release()
-    stepping.result(timeout=WAIT_S)
     handle.wait(timeout=WAIT_S)
     blocker.wait(timeout=WAIT_S)
     assert_identical(load(str(tmp_path / "m.pt")), expected)
@@ -114,14 +111,13 @@ def test_optimizer_step_waits_until_the_model_save_is_staged(make_saver: MakeSav
 
 
 def test_forward_waits_until_model_buffers_are_staged(make_saver: MakeSaver, tmp_path: pathlib.Path) -> None:
-    """A BatchNorm forward during a model= save blocks until staging; the file has pre-forward running stats."""
+    """A BatchNorm forward during a model= save copies its module's tensors first: the file has pre-forward running stats."""
     model = bn_mlp()
     saver, sink, blocker = busy_writer(make_saver, tmp_path)
     expected = copy.deepcopy(model.state_dict())
     handle = torchaux.save_async(model.state_dict(), tmp_path / "m.pt", model=model, saver=saver)
     forward = background(model, batch(1)[0])
-    assert still_running(forward)
-    assert torch.equal(model[1].running_mean, expected["1.running_mean"])
+    forward.result(timeout=WAIT_S)  # not blocked behind the busy writer
     sink.release()
     forward.result(timeout=WAIT_S)
     handle.wait(timeout=WAIT_S)

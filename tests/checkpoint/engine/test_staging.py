@@ -9,6 +9,8 @@ import pickle
 
 import pytest
 import torch
+
+from torchaux.errors import TensorChangedError
 from compare import assert_identical, load, raw_bytes
 from sinks import WAIT_S, background, still_running
 
@@ -69,18 +71,27 @@ def test_eager_snapshot_keeps_values_at_call() -> None:
     assert snap.nbytes == 6 * 4 + 4 * 4
 
 
-def test_deferred_snapshot_copies_at_finish_staging() -> None:
-    """defer_cpu_copies=True copies only in finish_staging: a mutation before it is captured (why fences exist)."""
+def test_deferred_snapshot_fails_when_a_tensor_changes_before_its_copy() -> None:
+    """An unfenced in-place update between a deferred call and its copy fails the save, naming the tensor."""
     pool = HostBufferPool()
     w = torch.arange(6.0)
     snap = do_stage({"w": w}, pool, defer_cpu_copies=True)
     assert not snap.is_staged()
-    w.add_(100)  # before finish: lands in the file
-    captured = raw_bytes(w.untyped_storage())
+    w.add_(100)  # unfenced: the copy would mix values
+    with pytest.raises(TensorChangedError, match="'w' was modified in place.*eager mode"):
+        snap.finish_staging()
+    assert snap.is_staged()  # fences are open
+
+
+def test_deferred_snapshot_after_copy_is_unaffected() -> None:
+    """A change after the deferred copy does not reach the snapshot and is not an error."""
+    pool = HostBufferPool()
+    w = torch.arange(6.0)
+    expected = raw_bytes(w.untyped_storage())
+    snap = do_stage({"w": w}, pool, defer_cpu_copies=True)
     snap.finish_staging()
-    assert snap.is_staged()
-    w.add_(100)  # after finish: does not
-    assert snapshot_bytes(snap) == {"0": captured}
+    w.add_(100)
+    assert snapshot_bytes(snap) == {"0": expected}
 
 
 def test_records_follow_first_appearance_and_dedupe_shared_storage() -> None:
@@ -103,17 +114,17 @@ def test_release_returns_every_buffer_to_the_pool() -> None:
     assert snap.records() == []
 
 
-def test_fences_block_until_deferred_staging_finishes() -> None:
-    """fence_forward and fence_all block while deferred copies are pending and return after finish_staging."""
+def test_fences_copy_on_the_calling_thread_without_the_writer() -> None:
+    """fence_forward and fence_all copy pending deferred records themselves: they never wait for finish_staging."""
     pool = HostBufferPool()
-    snap = do_stage({"w": torch.arange(5.0)}, pool, defer_cpu_copies=True)
-    fwd = background(snap.fence_forward)
-    everything = background(snap.fence_all)
-    assert still_running(fwd)
-    assert still_running(everything, 0)
+    w = torch.arange(5.0)
+    expected = raw_bytes(w.untyped_storage())
+    snap = do_stage({"w": w}, pool, defer_cpu_copies=True)
+    background(snap.fence_forward).result(timeout=WAIT_S)
+    background(snap.fence_all).result(timeout=WAIT_S)
+    w.add_(1)  # after the fence: allowed, and not in the snapshot
     snap.finish_staging()
-    fwd.result(timeout=WAIT_S)
-    everything.result(timeout=WAIT_S)
+    assert snapshot_bytes(snap) == {"0": expected}
 
 
 def test_model_buffer_storages_are_marked_for_early_copy() -> None:

@@ -7,19 +7,13 @@ each one into a reusable host buffer from a :class:`HostBufferPool`.  Python
 values (step counters, learning rates, hyper-parameters) are fixed by that
 pickle, so the file shows the object as it was at the call.
 
-Copies are done in one of two ways:
-
-* accelerator storages: asynchronous device-to-host copies on a side stream
-  that first waits on the caller's current stream, into pinned buffers; a
-  device event marks the end.  Later kernels are fenced with a stream wait
-  (``current_stream().wait_event``), never a host synchronisation.
-* CPU storages: ``memcpy`` into warm buffers, either right away (``defer=False``)
-  or later on the writer thread (``defer=True``, the ``model=`` mode) while the
-  training thread runs the next forward; :meth:`Snapshot.fence_forward` and
-  :meth:`Snapshot.fence_all` then block only until the copies are done.
-
-Storages that belong to the model's buffers (BatchNorm statistics and the like,
-which forward mutates) are copied first so the forward fence is short.
+Copies: accelerator storages go device-to-host on a side stream that first
+waits on the caller's stream, into pinned buffers; later kernels are fenced
+with a stream wait, never a host synchronisation.  CPU storages are copied
+into warm buffers right away (default), or deferred (``model=``): the model's
+tensors first, in module order, by the writer thread or by a training thread
+reaching a fence, whichever comes first (:meth:`Snapshot.fence_upto`), each
+checked against its version counter at the call (:mod:`.versions`).
 """
 
 from __future__ import annotations
@@ -27,14 +21,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.serialization import location_tag, normalize_storage_type
 
 from torchaux import _knobs
+from torchaux.checkpoint.engine import versions
+from torchaux.checkpoint.engine.pickler import TensorLocation, index_tensors, pickle_storages
 from torchaux.checkpoint.engine.pool import HostBufferPool
 
 __all__ = ["HostBufferPool", "Snapshot", "TensorLocation", "stage", "fence_blocked_seconds"]
@@ -49,38 +44,22 @@ def fence_blocked_seconds() -> float:
     return _fence_blocked[0]
 
 
-def _wait(event: threading.Event) -> None:
-    if not event.is_set():
-        start = time.perf_counter()
-        event.wait()
-        _fence_blocked[0] += time.perf_counter() - start
-
-
-@dataclass(frozen=True)
-class TensorLocation:
-    """Where a named tensor's elements live inside a staged storage."""
-
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    storage_offset: int
-
-
 @dataclass
 class _Record:
     key: str
     source: torch.UntypedStorage | None  # live storage; dropped once copied
     staged: torch.UntypedStorage
-    is_buffer: bool
+    is_buffer: bool = False  # copied early (the model's tensors, in forward order)
+    tracked: list[versions.TrackedTensor] | None = None  # version counters at the call
+    nbytes: int | None = None  # set when ``staged`` is a placeholder (skip_data)
 
 
 @dataclass
 class _DeviceCopy:
-    """Copies of one accelerator device, with the events that fence them."""
+    """Copies of one accelerator device, with the event that fences them."""
 
     device: torch.device
-    buffers_done: Any = None  # device event after the model-buffer group
+    buffers_done: Any = None  # device event after the early group
     all_done: Any = None  # device event after every copy
 
 
@@ -96,17 +75,37 @@ class Snapshot:
 
     ``pickled`` is the exact ``data.pkl`` payload of ``torch.save``;
     ``records()`` lists ``(key, host_storage)`` in key order.
+
+    Deferred CPU copies (``model=``) run in copy order (``_order``: the
+    model's tensors first, in module order) under ``_copy_lock``, one record
+    per lock hold, by whichever thread needs them first: the writer in
+    :meth:`finish_staging`, or a training thread in a fence
+    (:meth:`fence_upto`), which copies what it needs itself instead of
+    waiting behind a slow earlier write.  Each copied record's version
+    counters are checked (:mod:`.versions`) before the record counts as
+    copied, so a fenced update always comes after its check.
     """
 
     pickled: bytes
     _records: list[_Record]
     _devices: list[_DeviceCopy] = field(default_factory=list)
     _buffers_ready: threading.Event = field(default_factory=threading.Event)
+    #: set once staging is over (done or failed): every fence is a no-op from then on
     _all_ready: threading.Event = field(default_factory=threading.Event)
     _deferred: bool = False
     #: name -> location, for formats that store tensors by name (safetensors)
     tensor_index: dict[str, TensorLocation] = field(default_factory=dict)
     _by_key: dict[str, torch.UntypedStorage] | None = None
+    #: staged under ``torch.serialization.skip_data()``: records hold sizes, no bytes
+    skip_data: bool = False
+    _order: list[int] = field(default_factory=list)  # deferred CPU records, in copy order
+    _position: dict[int, int] = field(default_factory=dict)  # storage _cdata -> copies needed
+    _device_storages: set[int] = field(default_factory=set)  # _cdata of accelerator storages
+    _cursor: int = 0  # deferred copies done (and checked)
+    _copy_lock: threading.Lock = field(default_factory=threading.Lock)
+    _error: BaseException | None = None  # a failed copy or check, raised by finish_staging
+    _devices_checked: bool = False
+    _obj: object = None  # the saved object, to name a changed tensor; dropped when staged
 
     def staged_tensor(self, name: str) -> torch.Tensor:
         """The staged host copy of the tensor indexed as ``name`` (writer thread)."""
@@ -127,46 +126,110 @@ class Snapshot:
         """``(key, staged host storage)`` pairs in the order ``torch.save`` writes them."""
         return [(r.key, r.staged) for r in self._records]
 
+    def sizes(self) -> list[tuple[str, int]]:
+        """``(key, bytes of the live storage)`` in write order (also under ``skip_data``)."""
+        return [(r.key, r.staged.nbytes() if r.nbytes is None else r.nbytes) for r in self._records]
+
+    def needs(self, tensors: Iterable[torch.Tensor]) -> tuple[int, bool]:
+        """(deferred copies to be done, whether device copies matter) before ``tensors`` are staged."""
+        n, devices = 0, False
+        for t in tensors:
+            cdata = t.untyped_storage()._cdata
+            n = max(n, self._position.get(cdata, 0))
+            devices = devices or cdata in self._device_storages
+        return n, devices
+
     # -- staging ------------------------------------------------------------
 
-    def _copy_cpu(self, group: Callable[[_Record], bool]) -> None:
-        for r in self._records:
-            if r.source is not None and r.source.device.type == "cpu" and group(r):
-                _as_bytes(r.staged).copy_(_as_bytes(r.source))
+    def _copy_upto(self, n: int) -> None:
+        # One record per lock hold, so the writer and a fence interleave; a
+        # KeyboardInterrupt mid-copy leaves the record for the next caller.
+        while self._cursor < n and not self._all_ready.is_set():
+            with self._copy_lock:
+                i = self._cursor
+                if i >= n or self._all_ready.is_set():
+                    return
+                r = self._records[self._order[i]]
+                if self._error is None:
+                    try:
+                        assert r.source is not None
+                        _as_bytes(r.staged).copy_(_as_bytes(r.source))
+                        if r.tracked:
+                            self._error = versions.changed(r.tracked, r.key, self._obj)
+                    except Exception as exc:  # noqa: BLE001 - raised by finish_staging, on the handle
+                        self._error = exc
+                    if self._error is not None:
+                        self._cursor = len(self._order)  # no fence waits for a failed save
+                        return
                 r.source = None
+                r.tracked = None
+                self._cursor = i + 1
+
+    def _check_devices(self) -> None:
+        # Under _copy_lock.  Device records are checked once: by the first
+        # fence (before the fenced kernels are queued) or after the copies.
+        if self._devices_checked:
+            return
+        self._devices_checked = True
+        for r in self._records:
+            if r.tracked and self._error is None:
+                self._error = versions.changed(r.tracked, r.key, self._obj)
+            r.tracked = None
 
     def finish_staging(self) -> None:
         """Complete deferred CPU copies and wait for device copies (writer thread).
 
-        Always releases the fences, also when a copy fails, so a training
-        thread blocked in a fence can never deadlock on a failed save.
+        Raises the first failed copy, or :class:`~torchaux.errors.TensorChangedError`
+        when a tensor changed between the call and its copy.  Always releases
+        the fences, also when a copy fails, so a training thread blocked in a
+        fence can never deadlock on a failed save.
         """
         try:
             if self._deferred:
-                self._copy_cpu(lambda r: r.is_buffer)
-                self._buffers_ready.set()
-                self._copy_cpu(lambda r: not r.is_buffer)
+                self._copy_upto(len(self._order))
             for dev in self._devices:
                 dev.all_done.synchronize()
-            for r in self._records:
-                r.source = None  # live storages may now be freed by their owner
+            if self._deferred and self._devices:
+                with self._copy_lock:
+                    self._check_devices()
+            if self._error is not None:
+                raise self._error
         finally:
-            self._buffers_ready.set()
-            self._all_ready.set()
+            with self._copy_lock:
+                for r in self._records:
+                    r.source = None  # live storages may now be freed by their owner
+                    r.tracked = None
+                self._obj = None
+                self._buffers_ready.set()
+                self._all_ready.set()
 
     # -- fences (training thread) ------------------------------------------
 
+    def fence_upto(self, n: int, *, devices: bool = True) -> None:
+        """Order what follows after the first ``n`` deferred copies (and every device copy).
+
+        Copies still pending are done here, on the calling thread: a fence
+        never waits for the writer to reach this snapshot.
+        """
+        if self._all_ready.is_set():
+            return
+        if self._cursor < n:
+            start = time.perf_counter()
+            self._copy_upto(n)
+            _fence_blocked[0] += time.perf_counter() - start
+        if devices and self._devices:
+            with self._copy_lock:
+                self._check_devices()
+            for dev in self._devices:
+                _device_module(dev.device).current_stream(dev.device).wait_event(dev.all_done)
+
     def fence_forward(self) -> None:
-        """Order the next forward after the copies of model buffers."""
-        _wait(self._buffers_ready)
-        for dev in self._devices:
-            _device_module(dev.device).current_stream(dev.device).wait_event(dev.buffers_done)
+        """Order the next forward after the copies of the early (model) group."""
+        self.fence_upto(sum(1 for i in self._order if self._records[i].is_buffer))
 
     def fence_all(self) -> None:
         """Order everything after this point after every copy of the snapshot."""
-        _wait(self._all_ready)
-        for dev in self._devices:
-            _device_module(dev.device).current_stream(dev.device).wait_event(dev.all_done)
+        self.fence_upto(len(self._order))
 
     def is_staged(self) -> bool:
         """True once every byte is on the host (host side only; never blocks)."""
@@ -174,80 +237,14 @@ class Snapshot:
 
     def release(self, pool: HostBufferPool) -> None:
         """Return the host buffers to ``pool``; the snapshot is unusable after."""
-        pool.release(r.staged for r in self._records)
+        if not self.skip_data:  # placeholders were never the pool's
+            pool.release(r.staged for r in self._records)
         self._records = []
         self._by_key = None
 
 
 def _device_module(device: torch.device) -> Any:
     return torch.get_device_module(device.type)
-
-
-def _pickle(
-    obj: object, pickle_module: Any, protocol: int
-) -> tuple[bytes, dict[str, torch.UntypedStorage]]:
-    """Pickle ``obj`` with torch.save's storage records; return payload and storages.
-
-    The ``persistent_id`` records follow torch/serialization.py ``_save``
-    (torch 2.13): ``("storage", storage_type, key, location, numel)``, keys
-    numbered by first appearance, one entry per distinct storage.
-    """
-    import io
-
-    storages: dict[str, torch.UntypedStorage] = {}
-    keys: dict[int, str] = {}
-    dtypes: dict[int, torch.dtype] = {}
-
-    def persistent_id(o: object) -> tuple[Any, ...] | None:
-        if isinstance(o, torch.storage.TypedStorage):
-            storage, dtype = o._untyped_storage, o.dtype
-            storage_type = getattr(torch, o._pickle_storage_type())
-            numel = o._size()
-        elif torch.is_storage(o):
-            storage, dtype = o, torch.uint8  # type: ignore[assignment]
-            storage_type = normalize_storage_type(type(o))
-            numel = storage.nbytes()
-        else:
-            return None
-        if storage.device.type == "meta":
-            raise ValueError(
-                "save_async got a tensor on the 'meta' device, which has no data to save; "
-                "materialise it (e.g. module.to_empty(device='cpu')) or leave it out"
-            )
-        ptr = storage.data_ptr()
-        if ptr != 0:
-            # torch.load cannot rebuild one memory region as two dtypes; reject as torch.save does.
-            if dtypes.setdefault(ptr, dtype) != dtype:
-                raise RuntimeError(
-                    "Cannot save multiple tensors or storages that view the same data as "
-                    "different types"
-                )
-        key = keys.setdefault(storage._cdata, str(len(keys)))
-        storages[key] = storage
-        return ("storage", storage_type, key, location_tag(storage), numel)
-
-    class _Pickler(pickle_module.Pickler):  # type: ignore[misc, name-defined]
-        def persistent_id(self, o: object) -> tuple[Any, ...] | None:
-            return persistent_id(o)
-
-    buf = io.BytesIO()
-    _Pickler(buf, protocol=protocol).dump(obj)
-    return buf.getvalue(), storages
-
-
-def _index(
-    named: Mapping[str, torch.Tensor], storages: dict[str, torch.UntypedStorage]
-) -> dict[str, TensorLocation]:
-    key_of = {s._cdata: k for k, s in storages.items()}
-    out = {}
-    for name, t in named.items():
-        key = key_of.get(t.untyped_storage()._cdata)
-        if key is None:
-            raise ValueError(f"tensor {name!r} is not part of the object being saved")
-        out[name] = TensorLocation(
-            key, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset()
-        )
-    return out
 
 
 _side_streams: dict[torch.device, Any] = {}
@@ -301,6 +298,20 @@ def _enqueue_device_copies(records: list[_Record]) -> list[_DeviceCopy]:
     return copies
 
 
+def _copy_order(
+    storages: dict[str, torch.UntypedStorage], priority: Iterable[torch.Tensor]
+) -> tuple[list[str], dict[str, None]]:
+    # Storages of `priority` first, in its order (a model's tensors in module
+    # order: the order forward reaches them), then the rest in key order.
+    key_of = {s._cdata: k for k, s in storages.items()}
+    first: dict[str, None] = {}
+    for t in priority:
+        key = key_of.get(t.untyped_storage()._cdata)
+        if key is not None:
+            first.setdefault(key, None)
+    return [*first, *(k for k in storages if k not in first)], first
+
+
 def stage(
     obj: object,
     *,
@@ -319,12 +330,16 @@ def stage(
         pickle_module: module providing ``Pickler`` (``pickle`` by default).
         pickle_protocol: pickle protocol for ``data.pkl``.
         defer_cpu_copies: leave CPU copies to :meth:`Snapshot.finish_staging`
-            (``model=`` mode); otherwise they are done before returning and
-            device copies are fenced on the current stream right away.
-        model_buffers: tensors whose storages must be copied first (forward
-            mutates them).
+            and the fences (``model=`` mode), recording every tensor's version
+            counter to check at its copy; otherwise they are done before
+            returning and device copies are fenced on the current stream.
+        model_buffers: tensors whose storages are copied first, in this
+            order (the model's parameters and buffers, in module order).
         index: named tensors (all reachable from ``obj``) to record in
             :attr:`Snapshot.tensor_index`.
+
+    Under ``torch.serialization.skip_data()`` nothing is copied: the
+    snapshot records sizes only and the writer writes zeros, as torch.save.
 
     Returns:
         The snapshot; hand it to the writer, which calls ``finish_staging``.
@@ -340,22 +355,50 @@ def stage(
         >>> torch.frombuffer(bytearray(bytes(buf)), dtype=torch.float32).tolist()
         [0.0, 1.0, 2.0, 3.0]
     """
-    pickled, storages = _pickle(obj, pickle_module, pickle_protocol)
-    tensor_index = _index(index or {}, storages)
-    buffer_ptrs = {b.untyped_storage().data_ptr() for b in model_buffers}
+    skip = bool(torch.serialization._serialization_tls.skip_data)
+    tensors: list[torch.Tensor] | None = [] if defer_cpu_copies and not skip else None
+    pickled, storages = pickle_storages(obj, pickle_module, pickle_protocol, tensors)
+    tensor_index = index_tensors(index or {}, storages)
+    if skip:
+        records = [
+            _Record(k, None, torch.UntypedStorage(0), nbytes=s.nbytes()) for k, s in storages.items()
+        ]
+        snapshot = Snapshot(pickled, records, tensor_index=tensor_index, skip_data=True)
+        snapshot._all_ready.set()
+        return snapshot
+    order, early = _copy_order(storages, model_buffers)
     pin = _knobs.pin_memory_enabled() and torch.accelerator.is_available()
+    tracked = (
+        versions.track(tensors, {s._cdata: k for k, s in storages.items()})
+        if tensors is not None else {}
+    )
     records: list[_Record] = []
     try:
         for key, s in storages.items():
             pinned = pin and s.device.type != "cpu"
             buf = pool.acquire(s.nbytes(), pinned=pinned)
-            records.append(_Record(key, s, buf, s.data_ptr() in buffer_ptrs and s.data_ptr() != 0))
+            records.append(_Record(key, s, buf, key in early, tracked.get(key)))
+        by_key = {r.key: i for i, r in enumerate(records)}
+        copy_order = [by_key[k] for k in order]
         devices = _enqueue_device_copies(records)
         snapshot = Snapshot(
             pickled, records, devices, _deferred=defer_cpu_copies, tensor_index=tensor_index
         )
-        if not defer_cpu_copies:
-            snapshot._copy_cpu(lambda r: True)
+        if defer_cpu_copies:
+            snapshot._obj = obj
+            snapshot._order = [i for i in copy_order if records[i].source is not None
+                               and records[i].source.device.type == "cpu"]
+            snapshot._position = {
+                records[i].source._cdata: n + 1 for n, i in enumerate(snapshot._order)  # type: ignore[union-attr]
+            }
+            snapshot._device_storages = {
+                r.source._cdata for r in records if r.source is not None and r.source.device.type != "cpu"
+            }
+        else:
+            for r in records:
+                if r.source is not None and r.source.device.type == "cpu":
+                    _as_bytes(r.staged).copy_(_as_bytes(r.source))
+                    r.source = None
             for dev in devices:
                 _device_module(dev.device).current_stream(dev.device).wait_event(dev.all_done)
     except BaseException:

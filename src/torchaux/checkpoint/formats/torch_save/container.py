@@ -25,8 +25,8 @@ tests/checkpoint/test_torch_zip.py against ``torch.save`` output:
   locator and the classic end record (always, as miniz does).
 
 Only the first half of ``.data/serialization_id`` differs.  Its last 20
-digits are, as in torch, c10's ``hash_combine`` over every record's CRC-32 in
-write order; torch's first 20 digits hash the member names in the iteration
+digits are, as in torch, c10's ``hash_combine`` over the CRC-32 of every
+non-empty record in write order (zero-length records are left out); torch's first 20 digits hash the member names in the iteration
 order of a C++ hash set, which cannot be reproduced portably, so ours combine
 the CRC-32 of each member name instead.  Readers treat the id as opaque.
 """
@@ -173,30 +173,25 @@ class TorchZipWriter:
             view = view[n:]
         self._pos += total
 
+    def write_record_skipped(self, name: str, size: int) -> None:
+        """Append a member of ``size`` zero bytes with CRC 0 (torch.save under ``skip_data``).
+
+        torch's ``write_record_metadata`` seeks past the data instead; the
+        bytes read back are the same zeros, and this works without ``seek``.
+        """
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        full, offset, flags, zip64 = self._begin(name, size)
+        zeros = memoryview(bytes(min(size, _CHUNK)))
+        for i in range(0, size, _CHUNK):
+            self._write(zeros[: min(_CHUNK, size - i)])
+        self._end(full, offset, size, 0, flags, zip64)
+
     def write_record(self, name: str, data: bytes | memoryview) -> None:
         """Append one member ``<archive>/<name>`` holding ``data``."""
-        if self._finished:
-            raise RuntimeError("TorchZipWriter.finish() was already called")
-        full = (self._prefix + name).encode("utf-8")
         view = memoryview(data).cast("B")
         size = len(view)
-        offset = self._pos
-        zip64 = b""
-        if size >= _U32_MAX or offset >= _U32_MAX:
-            payload = b""
-            if size >= _U32_MAX:
-                payload += struct.pack("<QQ", size, 0)
-            if offset >= _U32_MAX:
-                payload += struct.pack("<Q", offset)
-            zip64 = struct.pack("<HH", 1, len(payload)) + payload
-        start = offset + _LOCAL_HEADER_SIZE + len(full) + len(zip64) + 4
-        pad = -start % self._alignment
-        extra = zip64 + b"FB" + struct.pack("<H", pad) + b"Z" * pad
-        flags = _FLAG_UTF8 | (_FLAG_DESCRIPTOR if size else 0)
-        header = struct.pack(
-            "<IHHHHHIIIHH", _LOCAL_SIG, 0, flags, 0, 0, 0, 0, 0, 0, len(full), len(extra)
-        )
-        self._write(header + full + extra)
+        full, offset, flags, zip64 = self._begin(name, size)
         crc = 0
         # The CRC only goes into the data descriptor, after the data, so a large
         # member's CRC runs on a second thread while this one writes (copies or
@@ -215,6 +210,34 @@ class TorchZipWriter:
         finally:
             if concurrent is not None:  # never leave a thread reading a buffer we give back
                 crc = concurrent.result()
+        self._end(full, offset, size, crc, flags, zip64)
+
+    def _begin(self, name: str, size: int) -> tuple[bytes, int, int, bytes]:
+        # The local header of a member of `size` bytes: (name, offset, flags, zip64 block).
+        if self._finished:
+            raise RuntimeError("TorchZipWriter.finish() was already called")
+        full = (self._prefix + name).encode("utf-8")
+        offset = self._pos
+        zip64 = b""
+        if size >= _U32_MAX or offset >= _U32_MAX:
+            payload = b""
+            if size >= _U32_MAX:
+                payload += struct.pack("<QQ", size, 0)
+            if offset >= _U32_MAX:
+                payload += struct.pack("<Q", offset)
+            zip64 = struct.pack("<HH", 1, len(payload)) + payload
+        start = offset + _LOCAL_HEADER_SIZE + len(full) + len(zip64) + 4
+        pad = -start % self._alignment
+        extra = zip64 + b"FB" + struct.pack("<H", pad) + b"Z" * pad
+        flags = _FLAG_UTF8 | (_FLAG_DESCRIPTOR if size else 0)
+        header = struct.pack(
+            "<IHHHHHIIIHH", _LOCAL_SIG, 0, flags, 0, 0, 0, 0, 0, 0, len(full), len(extra)
+        )
+        self._write(header + full + extra)
+        return full, offset, flags, zip64
+
+    def _end(self, full: bytes, offset: int, size: int, crc: int, flags: int, zip64: bytes) -> None:
+        # The data descriptor (non-empty members only, as miniz) and the bookkeeping.
         if size:
             if zip64:
                 self._write(struct.pack("<IIQQ", _DESCRIPTOR_SIG, crc, size, size))
@@ -275,5 +298,8 @@ class TorchZipWriter:
         crcs = 0
         for m in self._members:
             names = _hash_combine(names, zlib.crc32(m.name))
-            crcs = _hash_combine(crcs, m.crc)
+            if m.size:
+                # torch folds only non-empty records (PyTorchStreamWriter::writeRecord
+                # returns early for size 0, before combine_uncomp_crc32_).
+                crcs = _hash_combine(crcs, m.crc)
         return f"{names:020d}{crcs:020d}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from typing import IO
 
 import torch
@@ -23,7 +24,10 @@ from torchaux.checkpoint.formats.torch_save import integrity
 from torchaux.checkpoint.formats.torch_save.container import TorchZipWriter, storage_view
 from torchaux.checkpoint.engine.staging import Snapshot
 
-__all__ = ["write_torch_save", "archive_name_for", "FORMAT_VERSION", "FILE_FORMAT_VERSION"]
+__all__ = [
+    "write_torch_save", "archive_name_for", "capture_options", "TorchSaveOptions",
+    "FORMAT_VERSION", "FILE_FORMAT_VERSION",
+]
 
 #: ``.format_version`` that torch.save 2.13 writes (storage keys numbered in order).
 FORMAT_VERSION = "1"
@@ -31,10 +35,38 @@ FORMAT_VERSION = "1"
 FILE_FORMAT_VERSION = "3\n"
 
 
-def _storage_alignment() -> int:
+@dataclass(frozen=True)
+class TorchSaveOptions:
+    """The settings ``torch.save`` reads when it writes, fixed at the call.
+
+    In torch 2.13 ``torch.serialization.set_crc32_options`` and
+    ``torch.utils.serialization.config.save.*`` are per thread, so a
+    background writer must not read them itself: :func:`capture_options`
+    takes them on the calling thread.  ``skip_data`` (thread-local too) is
+    captured by staging, which copies nothing under it; the
+    ``use_pinned_memory_for_d2h`` setting only changes how torch.save copies
+    device memory, never the bytes, and staging always pins.
+    """
+
+    compute_crc32: bool = True
+    storage_alignment: int = 64
+
+
+def capture_options() -> TorchSaveOptions:
+    """The calling thread's torch.save settings (see :class:`TorchSaveOptions`).
+
+    >>> from torch.utils.serialization import config
+    >>> capture_options()
+    TorchSaveOptions(compute_crc32=True, storage_alignment=64)
+    >>> config.save.storage_alignment = 4096  # this thread only
+    >>> capture_options().storage_alignment
+    4096
+    >>> config.save.storage_alignment = 64
+    """
     # torch >= 2.6 exposes the alignment setting; older releases used 64.
     getter = getattr(torch.serialization, "_get_storage_alignment", None)
-    return int(getter()) if getter is not None else 64
+    alignment = int(getter()) if getter is not None else 64
+    return TorchSaveOptions(bool(get_crc32_options()), alignment)
 
 
 def archive_name_for(path: str | None) -> str:
@@ -63,6 +95,7 @@ def write_torch_save(
     archive_name: str = "archive",
     disable_byteorder_record: bool = False,
     content_crc: bool = False,
+    options: TorchSaveOptions | None = None,
 ) -> None:
     """Write ``snapshot`` to ``fileobj`` in torch.save format (writer thread).
 
@@ -74,19 +107,29 @@ def write_torch_save(
             the ``byteorder`` record moves to the end instead of vanishing.
         content_crc: compute every member CRC (whatever torch's CRC option) and
             append the ``.torchaux/crc32`` member (see :mod:`..integrity`).
+        options: torch.save settings captured on the caller's thread
+            (:func:`capture_options`); ``None`` reads them on this thread.
+
+    A snapshot staged under ``torch.serialization.skip_data()`` gets its
+    storage records written as zeros of the right size with CRC 0, as torch.save.
     """
-    alignment = _storage_alignment()
+    opts = options if options is not None else capture_options()
+    alignment = opts.storage_alignment
     writer = TorchZipWriter(
         fileobj, archive_name=archive_name, alignment=alignment,
-        compute_crc=content_crc or get_crc32_options(),
+        compute_crc=content_crc or opts.compute_crc32,
     )
     writer.write_record("data.pkl", snapshot.pickled)
     writer.write_record(".format_version", FORMAT_VERSION.encode())
     writer.write_record(".storage_alignment", str(alignment).encode())
     if not disable_byteorder_record:
         writer.write_record("byteorder", sys.byteorder.encode())
-    for key, storage in snapshot.records():
-        writer.write_record(f"data/{key}", storage_view(storage))
+    if snapshot.skip_data:
+        for key, nbytes in snapshot.sizes():
+            writer.write_record_skipped(f"data/{key}", nbytes)
+    else:
+        for key, storage in snapshot.records():
+            writer.write_record(f"data/{key}", storage_view(storage))
     writer.write_record("version", FILE_FORMAT_VERSION.encode())
     if disable_byteorder_record:
         # torch 2.13's zip writer adds the record itself at the end when the

@@ -1,0 +1,110 @@
+"""Pickling an object exactly as ``torch.save`` does, collecting its storages.
+
+The pickle is the ``data.pkl`` record of a torch.save file; the storages are
+what :mod:`~torchaux.checkpoint.engine.staging` copies into host buffers.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.serialization import location_tag, normalize_storage_type
+
+__all__ = ["TensorLocation", "pickle_storages", "index_tensors"]
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where a named tensor's elements live inside a staged storage."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int
+
+
+
+def pickle_storages(
+    obj: object, pickle_module: Any, protocol: int, tensors: list[torch.Tensor] | None = None
+) -> tuple[bytes, dict[str, torch.UntypedStorage]]:
+    """Pickle ``obj`` with torch.save's storage records; return payload and storages.
+
+    The ``persistent_id`` records follow torch/serialization.py ``_save``
+    (torch 2.13): ``("storage", storage_type, key, location, numel)``, keys
+    numbered by first appearance, one entry per distinct storage; a fake
+    tensor's storage (``skip_data(materialize_fake_tensors=True)``) is
+    located at its fake device.  Every tensor pickled is appended to
+    ``tensors`` when given (for the version check).
+    """
+    storages: dict[str, torch.UntypedStorage] = {}
+    keys: dict[int, str] = {}
+    dtypes: dict[int, torch.dtype] = {}
+    skip = torch.serialization._serialization_tls.skip_data
+
+    def persistent_id(o: object) -> tuple[Any, ...] | None:
+        if isinstance(o, torch.Tensor):
+            if tensors is not None:
+                tensors.append(o)
+            return None
+        if isinstance(o, torch.storage.TypedStorage):
+            storage, dtype = o._untyped_storage, o.dtype
+            storage_type = getattr(torch, o._pickle_storage_type())
+            numel = o._size()
+        elif torch.is_storage(o):
+            storage, dtype = o, torch.uint8  # type: ignore[assignment]
+            storage_type = normalize_storage_type(type(o))
+            numel = storage.nbytes()
+        else:
+            return None
+        if storage.device.type == "meta":
+            if not skip:
+                raise ValueError(
+                    "save_async got a tensor on the 'meta' device, which has no data to save; "
+                    "materialise it (e.g. module.to_empty(device='cpu')) or leave it out"
+                )
+        elif storage.data_ptr() != 0:
+            # torch.load cannot rebuild one memory region as two dtypes; reject as torch.save does.
+            if dtypes.setdefault(storage.data_ptr(), dtype) != dtype:
+                raise RuntimeError(
+                    "Cannot save multiple tensors or storages that view the same data as "
+                    "different types"
+                )
+        key = keys.setdefault(storage._cdata, str(len(keys)))
+        storages[key] = storage
+        fake_device = getattr(o, "_fake_device", None)
+        location = str(fake_device) if fake_device is not None else location_tag(storage)
+        return ("storage", storage_type, key, location, numel)
+
+    class _Pickler(pickle_module.Pickler):  # type: ignore[misc, name-defined]
+        def persistent_id(self, o: object) -> tuple[Any, ...] | None:
+            return persistent_id(o)
+
+    buf = io.BytesIO()
+    try:
+        _Pickler(buf, protocol=protocol).dump(obj)
+    finally:
+        # A class is always in a reference cycle; through this method it would keep
+        # every pickled storage (the caller's live state) alive until the cyclic GC
+        # runs - hundreds of MiB per save (issue #15.5, f_pool_growth.py).
+        del _Pickler.persistent_id
+    return buf.getvalue(), storages
+
+
+def index_tensors(
+    named: Mapping[str, torch.Tensor], storages: dict[str, torch.UntypedStorage]
+) -> dict[str, TensorLocation]:
+    key_of = {s._cdata: k for k, s in storages.items()}
+    out = {}
+    for name, t in named.items():
+        key = key_of.get(t.untyped_storage()._cdata)
+        if key is None:
+            raise ValueError(f"tensor {name!r} is not part of the object being saved")
+        out[name] = TensorLocation(
+            key, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset()
+        )
+    return out
