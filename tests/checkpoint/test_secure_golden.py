@@ -35,7 +35,7 @@ def test_golden_file_loads(name: str, tmp_path: Path) -> None:
     shutil.copy(_GOLDEN / name, path)
     loaded = torchaux.load_checkpoint(
         path, dec_key=case.get("enc_key"), dec_mode=case.get("enc_mode", "AES-GCM"),
-        crc_check=bool(case.get("crc_check", False)),
+        crc_check=bool(case.get("crc_check", False)), expected_id=case.get("enc_aad"),
     )
     expected = {**golden.golden_entries(), **golden.APPEND}
     assert loaded.keys() == expected.keys()
@@ -54,3 +54,34 @@ def test_plain_golden_files_load_with_upstream_readers() -> None:
     assert torch.equal(ckpt["layer.weight"], golden.golden_entries()["layer.weight"])
     st = load_file(str(_GOLDEN / "safetensors_crc_v1.safetensors"))
     assert torch.equal(st["layer.bias"], golden.golden_entries()["layer.bias"])
+
+
+@pytest.mark.parametrize("name", sorted(n for n in golden.CASES if "enc_aad" in golden.CASES[n]))
+def test_v2_golden_files_carry_their_identity(name: str, tmp_path: Path) -> None:
+    """Envelope v2: header version 2, length 94 + identity, identity checked on load."""
+    case = golden.CASES[name]
+    blob = (_GOLDEN / name).read_bytes()
+    identity = str(case["enc_aad"]).encode()
+    assert blob[8:10] == (2).to_bytes(2, "big")
+    assert int.from_bytes(blob[10:12], "big") == 94 + len(identity)
+    assert blob[56:58] == len(identity).to_bytes(2, "big") and blob[58 : 58 + len(identity)] == identity
+    path = tmp_path / name
+    shutil.copy(_GOLDEN / name, path)
+    with pytest.raises(torchaux.DecryptionError, match="not the expected checkpoint"):
+        torchaux.load_checkpoint(
+            path, dec_key=case["enc_key"], dec_mode=None, expected_id="golden/step-4"
+        )
+    assert torchaux.load_checkpoint(path, dec_key=case["enc_key"], dec_mode=None)  # id optional
+
+
+@pytest.mark.parametrize("name", sorted(n for n in golden.CASES if "enc_key" in golden.CASES[n]
+                                        and "enc_aad" not in golden.CASES[n]))
+def test_v1_golden_files_are_refused_when_an_identity_is_expected(name: str, tmp_path: Path) -> None:
+    """A version-1 file has no identity, so it cannot stand in for an expected one (rollback)."""
+    case = golden.CASES[name]
+    path = tmp_path / name
+    shutil.copy(_GOLDEN / name, path)
+    blob = path.read_bytes()
+    assert blob[8:10] == (1).to_bytes(2, "big") and len(blob) > 92
+    with pytest.raises(torchaux.DecryptionError, match="carries no identity"):
+        torchaux.load_checkpoint(path, dec_key=case["enc_key"], dec_mode=None, expected_id="x")

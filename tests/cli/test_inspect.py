@@ -168,3 +168,44 @@ def test_progress_bar_silent_by_default(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["inspect", path]) == 0
     assert main(["inspect", path, "--no-progress"]) == 0
     assert capsys.readouterr().err == ""
+
+
+# -- output hygiene (security review, issue #16 item 5) ------------------------
+
+_EVIL = "w\ncrc         present (.torchaux/crc32 member)\x1b[2K\x1b[1A\x1b[2K\u202e\x07"
+
+
+@pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
+def test_names_and_values_are_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    """t_inj.py: no raw control character from the file reaches the terminal."""
+    path = tmp_path / f"inj.{fmt}"
+    torchaux.save_checkpoint(
+        {_EVIL: torch.ones(2), "b": torch.zeros(1)}, path, format=fmt,
+        append_dict={"note": "x\x1b]0;title\x07y", "v" + _EVIL: 1},
+    )
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07\u202e")
+    assert sum(line.startswith("crc ") for line in out.splitlines()) == 1
+    assert "w\\ncrc" in out and "\\x1b[2K" in out and "\\u202e" in out
+    assert main(["inspect", "--json", str(path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert _EVIL in {e["name"] for e in report["entries"]}  # JSON keeps the exact name
+
+
+def test_file_name_is_escaped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "m\x1b[31m.ckpt"
+    torchaux.save_checkpoint({"w": torch.ones(2)}, path)
+    assert main(["inspect", str(path)]) == 0
+    assert "\x1b" not in capsys.readouterr().out
+
+
+def test_identity_is_shown_escaped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "id.ckpt"
+    torchaux.save_checkpoint({"w": torch.ones(2)}, path, enc_key=bytes(16), enc_aad="run\x1b/7")
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "identity    run\\x1b/7 (authenticated" in out and "\x1b" not in out
+    assert "format version 2" in out

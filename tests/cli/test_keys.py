@@ -218,3 +218,129 @@ def test_key_material_never_printed(
     for secret in (KEY, new_key):
         assert secret.hex() not in text.lower() and repr(secret) not in text
         assert secret.decode("latin-1") not in text
+
+
+# -- key sources: owner and directory (security review, issue #16 item 4) ------
+
+
+def _foreign_owner(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``path`` look owned by someone else: chown as root, else pretend to be another uid."""
+    if os.geteuid() == 0:
+        os.chown(path, 12345, -1)
+    else:
+        me = os.geteuid()
+        monkeypatch.setattr(os, "geteuid", lambda: me + 1)
+
+
+@posix_only
+def test_key_file_owned_by_another_user_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the key file, and not its directory, another owner")
+    path = _write_key(private / "k.hex", HEX.encode())
+    _foreign_owner(Path(path), monkeypatch)
+    with pytest.raises(KeySourceError, match="owned by uid 12345, not by you") as info:
+        read_key_file(path)
+    assert HEX not in str(info.value)
+
+
+@posix_only
+def test_key_file_owner_check_uses_the_effective_uid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Owned by neither the caller nor root: refused (simulated by changing the caller)."""
+    path = _write_key(tmp_path / "k.hex", HEX.encode())
+    owner = os.stat(path).st_uid
+    if owner == 0:
+        os.chown(path, 12345, -1)
+        owner = 12345
+    monkeypatch.setattr(os, "geteuid", lambda: owner + 1)
+    monkeypatch.setattr("torchaux.cli.keys._check_directory", lambda p: None)
+    with pytest.raises(KeySourceError, match=f"owned by uid {owner}, not by you"):
+        read_key_file(path)
+
+
+@posix_only
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757])
+def test_key_in_a_directory_others_can_write_is_refused(tmp_path: Path, mode: int) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    path = _write_key(shared / "k.hex", HEX.encode())
+    shared.chmod(mode)
+    with pytest.raises(KeySourceError, match="which group or others can write") as info:
+        read_key_file(path)
+    assert HEX not in str(info.value)
+
+
+@posix_only
+def test_key_in_a_sticky_directory_is_accepted(tmp_path: Path) -> None:
+    """Like /tmp: others can write the directory but cannot replace our file."""
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    path = _write_key(sticky / "k.hex", HEX.encode())
+    sticky.chmod(0o1777)
+    assert read_key_file(path).secret == KEY
+
+
+@posix_only
+def test_link_into_an_unsafe_directory_is_refused(tmp_path: Path) -> None:
+    """The directory the key really lives in is checked, not only the link's."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    real = _write_key(shared / "k.hex", HEX.encode())
+    shared.chmod(0o777)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "k.hex").symlink_to(real)
+    with pytest.raises(KeySourceError, match="others can write"):
+        read_key_file(str(private / "k.hex"))
+
+
+@posix_only
+def test_cli_refuses_key_in_writable_directory_with_usage_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    enc = _encrypted(tmp_path)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    key = _write_key(shared / "k.hex", HEX.encode())
+    shared.chmod(0o777)
+    assert main(["verify", enc, "--dec-key-file", key]) == 2
+    err = capsys.readouterr().err
+    assert "others can write" in err and HEX not in err
+
+
+def test_redact_hides_key_like_hex_runs() -> None:
+    from torchaux.cli.keys import redact
+
+    assert redact(f"bad '{HEX}' and '{HEX[:32]}'") == "bad '<64 hex digits hidden>' and '<32 hex digits hidden>'"
+    assert redact("step 1234 crc 0a683a29") == "step 1234 crc 0a683a29"
+
+
+def test_hex_key_as_enc_mode_is_not_echoed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse's 'invalid choice' would print the value: a key typed there is hidden."""
+    src = str(tmp_path / "a.ckpt")
+    torchaux.save_checkpoint({"w": torch.ones(2)}, src)
+    with pytest.raises(SystemExit) as info:
+        main(["convert", src, str(tmp_path / "b.ckpt"), "--format", "ckpt", "--enc-mode", HEX])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and HEX not in err and HEX.upper() not in err
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_hex_key_as_file_is_not_echoed(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command, HEX]) == 1
+    err = capsys.readouterr().err
+    assert "No such file" in err and HEX not in err
+
+
+def test_hex_key_as_convert_paths_is_not_echoed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["convert", HEX, str(tmp_path / "out.ckpt"), "--format", "ckpt"]) == 1
+    err = capsys.readouterr().err
+    assert err and HEX not in err

@@ -29,6 +29,14 @@ CASES: dict[str, dict[str, object]] = {
     "enc_aes_gcm_v1.ckpt": {"enc_key": KEY, "enc_mode": "AES-GCM", "crc_check": True},
     "enc_aes_cbc_v1.ckpt": {"enc_key": KEY[:24], "enc_mode": "AES-CBC"},
     "enc_sm4_cbc_v1.safetensors": {"enc_key": KEY[:16], "enc_mode": "SM4-CBC", "format": "safetensors"},
+    # Encrypted envelope version 2: a checkpoint identity in the authenticated header.
+    "enc_aes_gcm_id_v2.ckpt": {
+        "enc_key": KEY, "enc_mode": "AES-GCM", "crc_check": True, "enc_aad": "golden/step-3",
+    },
+    "enc_sm4_cbc_id_v2.safetensors": {
+        "enc_key": KEY[:16], "enc_mode": "SM4-CBC", "format": "safetensors",
+        "enc_aad": "golden/\u03b1-step-3",
+    },
 }
 
 
@@ -58,5 +66,7 @@ def golden_bytes(name: str) -> bytes:
 
 
 if __name__ == "__main__":
+    # Existing golden files are never rewritten: they pin what old versions wrote.
     for case in CASES:
-        (HERE / case).write_bytes(golden_bytes(case))
+        if not (HERE / case).exists():
+            (HERE / case).write_bytes(golden_bytes(case))

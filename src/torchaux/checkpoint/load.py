@@ -12,7 +12,6 @@ means it was replaced).
 from __future__ import annotations
 
 import io
-import json
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -22,12 +21,11 @@ import torch
 
 from torchaux.checkpoint.formats.torch_save import integrity
 from torchaux.checkpoint.crypto.header import MAGIC as _ENC_MAGIC
-from torchaux.checkpoint.save import (
-    APPEND_METADATA_KEY,
-    FORMATS,
-    HEADER_CRC_KEY,
-    header_crc,
+from torchaux.checkpoint.formats.safetensors.metadata import (
+    safetensors_entries,
+    verify_safetensors_crcs,
 )
+from torchaux.checkpoint.save import FORMATS
 from torchaux.checkpoint.storage import remote
 from torchaux.errors import DecryptionError, IntegrityError
 
@@ -37,6 +35,8 @@ __all__ = [
 ]
 
 _ZIP_MAGIC = b"PK\x03\x04"
+# Longest quote of file content in an error message (always with !r).
+_QUOTE = 80
 
 
 def _prefixes(value: object, name: str) -> tuple[str, ...] | None:
@@ -76,8 +76,12 @@ def detect_format(head: bytes) -> str:
     )
 
 
+def _quote(text: str) -> str:
+    return repr(text if len(text) <= _QUOTE else text[:_QUOTE] + "...")
+
+
 def _read_plain(
-    path: str, dec_key: bytes | None, dec_mode: str | None,
+    path: str, dec_key: bytes | None, dec_mode: str | None, expected_id: bytes | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> bytes:
     with (remote.open_for_read(path, storage_options) if remote.is_url(path) else open(path, "rb")) as f:
@@ -100,12 +104,17 @@ def _read_plain(
         from torchaux.checkpoint.crypto.envelope import decrypt_stream
 
         out = io.BytesIO()
-        decrypt_stream(f, out, dec_key, dec_mode)
+        decrypt_stream(f, out, dec_key, dec_mode, expected_id=expected_id)
         return out.getvalue()
 
 
 def torch_entries(data: bytes, path: str, map_location: Any = "cpu") -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` of a save_checkpoint ``.ckpt``; damage -> IntegrityError."""
+    """``torch.load(weights_only=True)`` of a save_checkpoint ``.ckpt``; damage -> IntegrityError.
+
+    The zip layout is checked first (:func:`~torchaux.checkpoint.formats.torch_save.integrity.check_members`):
+    a compressed member is refused before torch's reader would inflate it.
+    """
+    integrity.check_members(data, path)
     try:
         obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except IntegrityError:
@@ -113,7 +122,7 @@ def torch_entries(data: bytes, path: str, map_location: Any = "cpu") -> dict[str
     except Exception as exc:  # a damaged pickle or zip fails torch.load in many ways
         first = (str(exc).strip().splitlines() or [""])[0]  # torch's messages run on
         raise IntegrityError(
-            f"{path}: not a readable checkpoint ({type(exc).__name__}: {first}); the file is "
+            f"{path}: not a readable checkpoint ({type(exc).__name__}: {_quote(first)}); the file is "
             "damaged, truncated or not a weights-only torch.save file"
         ) from exc
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
@@ -122,47 +131,6 @@ def torch_entries(data: bytes, path: str, map_location: Any = "cpu") -> dict[str
             f"{type(obj).__name__}; use torch.load for other torch.save files"
         )
     return obj
-
-
-def verify_safetensors_crcs(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str
-) -> bool | None:
-    """Check the header CRC and ``crc_num`` a safetensors file records.
-
-    Returns:
-        True if ``crc_num`` was present and matched, None if the file records none.
-
-    Raises:
-        IntegrityError: either CRC does not match.
-    """
-    from torchaux.checkpoint.formats.safetensors.writer import verify_crc
-
-    stored = metadata.get(HEADER_CRC_KEY)
-    if stored is not None and stored != header_crc(tensors, metadata):
-        raise IntegrityError(
-            f"{path}: the header CRC does not match: names, dtypes, shapes or metadata "
-            "were changed after saving"
-        )
-    ok = verify_crc(tensors, metadata)
-    if ok is False:
-        raise IntegrityError(
-            f"{path}: the crc check failed: the tensors do not match the recorded crc_num; "
-            "the file is damaged"
-        )
-    return ok
-
-
-def safetensors_entries(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str
-) -> dict[str, Any]:
-    """Tensors plus the typed non-tensor values ``save_checkpoint`` kept in the metadata."""
-    out: dict[str, Any] = dict(tensors)
-    if APPEND_METADATA_KEY in metadata:
-        try:
-            out.update(json.loads(metadata[APPEND_METADATA_KEY]))
-        except json.JSONDecodeError as exc:
-            raise IntegrityError(f"{path}: damaged '{APPEND_METADATA_KEY}' metadata") from exc
-    return out
 
 
 def _load_ckpt(data: bytes, path: str, crc_check: bool, map_location: Any) -> dict[str, Any]:
@@ -198,6 +166,7 @@ def load_checkpoint(
     crc_check: bool = False,
     format: str | None = None,
     map_location: Any = "cpu",
+    expected_id: str | bytes | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (or any name -> tensor torch.save file).
@@ -218,6 +187,10 @@ def load_checkpoint(
         format: ``None`` (detect), ``"ckpt"`` or ``"safetensors"``; a file of
             another format raises ``ValueError``.
         map_location: where tensors go, as for ``torch.load`` (default CPU).
+        expected_id: the identity the file was saved with
+            (``save_checkpoint(..., enc_aad=...)``); needs ``dec_key``.  A file
+            with another identity, or none (a version-1 file), raises
+            :class:`~torchaux.DecryptionError`: it was swapped or rolled back.
         storage_options: fsspec options when ``ckpt_file_name`` is a URL
             such as ``"s3://bucket/net.ckpt"``.
 
@@ -251,6 +224,16 @@ def load_checkpoint(
         raise TypeError(f"crc_check must be a bool; got {type(crc_check).__name__}")
     if format is not None and format not in FORMATS:
         raise ValueError(f"format must be None (detect), 'ckpt' or 'safetensors'; got {format!r}")
+    expected = None
+    if expected_id is not None:
+        from torchaux.checkpoint.crypto.header import check_identity
+
+        expected = check_identity(expected_id, "expected_id")
+        if dec_key is None:
+            raise ValueError(
+                "expected_id is checked against the encrypted header; it needs dec_key "
+                "(a plaintext file carries no authenticated identity)"
+            )
     options = remote.check_storage_options(storage_options, ckpt_file_name) or None
     if remote.is_url(ckpt_file_name):  # read by storage/remote.py; missing -> ValueError
         path = str(ckpt_file_name)
@@ -258,7 +241,7 @@ def load_checkpoint(
         path = os.path.realpath(os.fsdecode(ckpt_file_name))
         if not os.path.isfile(path):
             raise ValueError(f"checkpoint file {path!r} does not exist (or is not a file)")
-    data = _read_plain(path, dec_key, dec_mode, options)
+    data = _read_plain(path, dec_key, dec_mode, expected, options)
     found = detect_format(data[:16])
     if format is not None and found != format:
         raise ValueError(f"{path} is a {found!r} checkpoint, but format={format!r} was requested")

@@ -19,7 +19,6 @@ import functools
 import json
 import os
 import pickle
-import zlib
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
@@ -28,9 +27,15 @@ import torch
 from torchaux import _knobs
 from torchaux.checkpoint.engine import staging
 from torchaux.checkpoint.api import _check_target
+from torchaux.checkpoint.crypto.header import check_identity
 from torchaux.checkpoint.storage import remote
 from torchaux.checkpoint.storage.commit import atomic_write
 from torchaux.checkpoint.formats.torch_save.writer import archive_name_for, write_torch_save
+from torchaux.checkpoint.formats.safetensors.metadata import (
+    APPEND_METADATA_KEY,
+    HEADER_CRC_KEY,
+    header_crc,
+)
 from torchaux.checkpoint.named import Value, check_append_dict, collect_named
 from torchaux.checkpoint.engine.saver import AsyncSaver, SaveHandle, default_saver
 
@@ -41,29 +46,8 @@ __all__ = [
 
 FORMATS = ("ckpt", "safetensors")
 ENC_MODES = ("AES-GCM", "AES-CBC", "SM4-CBC")
-#: safetensors metadata key holding non-tensor entries as JSON (types preserved).
-APPEND_METADATA_KEY = "torchaux.values"
-#: safetensors metadata key: CRC-32 of names, dtypes, shapes and other metadata.
-#: MindSpore's ``crc_num`` covers only names and tensor bytes, so a changed
-#: dtype or value in the header would still pass; this closes that gap.
-HEADER_CRC_KEY = "torchaux.header_crc32"
-
-
-def header_crc(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
-    """CRC-32 (8 hex digits) of tensor names/dtypes/shapes and the other metadata.
-
-    The CRC entries themselves are left out, so reader and writer agree.
-
-    >>> header_crc({"w": torch.zeros(2)}, {"format": "pt"})
-    '0a683a29'
-    """
-    doc = {
-        "tensors": sorted([k, str(v.dtype), list(v.shape)] for k, v in tensors.items()),
-        "metadata": {k: v for k, v in metadata.items() if k not in (HEADER_CRC_KEY, "crc_num")},
-    }
-    return f"{zlib.crc32(json.dumps(doc, sort_keys=True).encode()):08x}"
 _ASYNC = {False: None, True: "thread", "thread": "thread", "process": "process"}
-_KWARGS = {"remove_redundancy", "file_mode", "saver", "storage_options"}
+_KWARGS = {"remove_redundancy", "file_mode", "saver", "enc_aad", "storage_options"}
 _DEFAULT_FILE_MODE = 0o600
 
 
@@ -85,7 +69,9 @@ def _check_flags(
     return _ASYNC[async_save]
 
 
-def _check_kwargs(kwargs: Mapping[str, Any]) -> tuple[int, bool | None, AsyncSaver | None]:
+def _check_kwargs(
+    kwargs: Mapping[str, Any],
+) -> tuple[int, bool | None, AsyncSaver | None, bytes | None]:
     unknown = sorted(set(kwargs) - _KWARGS)
     if unknown:
         # MindSpore silently ignores unknown keywords; a typo then changes nothing.
@@ -102,7 +88,29 @@ def _check_kwargs(kwargs: Mapping[str, Any]) -> tuple[int, bool | None, AsyncSav
     saver = kwargs.get("saver")
     if saver is not None and not isinstance(saver, AsyncSaver):
         raise TypeError(f"saver must be an AsyncSaver or None; got {type(saver).__name__}")
-    return file_mode, redundancy, saver
+    enc_aad = kwargs.get("enc_aad")
+    return file_mode, redundancy, saver, None if enc_aad is None else check_identity(enc_aad, "enc_aad")
+
+
+def _checkpoint_target(name: str | os.PathLike[str]) -> str:
+    """The absolute target path; a symlink there is kept as the path, never followed.
+
+    ``save_async`` follows a link at its target as torch.save does; here the
+    commit's ``os.replace`` replaces the link itself, so a link planted in a
+    shared directory cannot redirect a checkpoint onto another file (security
+    review, issue #16 item 1; docs/SECURITY.md).
+    """
+    path = os.path.abspath(os.fsdecode(name))
+    if path and os.path.islink(path):
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            raise ValueError(
+                f"save_checkpoint target directory {parent!r} does not exist; create it first"
+            )
+        return os.path.join(os.path.realpath(parent), os.path.basename(path))
+    resolved = _check_target(name, "save_checkpoint")
+    assert resolved is not None  # a str/PathLike target always yields a path
+    return resolved
 
 
 def _check_encryption(enc_key: object, enc_mode: object) -> None:
@@ -146,16 +154,34 @@ def _safetensors_parts(
 
 @dataclasses.dataclass(frozen=True)
 class WriteSpec:
-    """How to write one staged checkpoint; picklable, so a writer process can run it."""
+    """How to write one staged checkpoint; picklable, so a writer process can run it.
+
+    Its ``repr`` (and so that of every job holding it, in any log or
+    traceback) never shows the key, only its length:
+
+    >>> WriteSpec("ckpt", "/x.ckpt", atomic_write, b"k" * 16, "AES-GCM", False, [], {})
+    WriteSpec(format='ckpt', path='/x.ckpt', enc_key=<128-bit key hidden>, enc_mode='AES-GCM', \
+crc_check=False, enc_aad=None)
+    """
 
     format: str
     path: str
     sink: Callable[[str], Any]
-    enc_key: bytes | None
+    enc_key: bytes | None = dataclasses.field(repr=False)
     enc_mode: str
     crc_check: bool
     names: list[str]
     metadata: dict[str, str]
+    enc_aad: bytes | None = None
+
+    def __repr__(self) -> str:
+        key = "None" if self.enc_key is None else f"<{8 * len(self.enc_key)}-bit key hidden>"
+        return (
+            f"WriteSpec(format={self.format!r}, path={self.path!r}, enc_key={key}, "
+            f"enc_mode={self.enc_mode!r}, crc_check={self.crc_check!r}, enc_aad={self.enc_aad!r})"
+        )
+
+    __str__ = __repr__
 
     def _write_plain(self, snap: staging.Snapshot, out: IO[bytes]) -> None:
         if self.format == "ckpt":
@@ -180,6 +206,7 @@ class WriteSpec:
                     out, self.enc_key, self.enc_mode,
                     chunk_size=_knobs.encryption_chunk_bytes(),
                     workers=_knobs.encryption_workers(), stable_buffers=True,
+                    identity=self.enc_aad,
                 ) as enc:
                     self._write_plain(snap, enc)  # type: ignore[arg-type]
         return self.path
@@ -221,7 +248,16 @@ def save_checkpoint(
             ``"safetensors"`` (loads with ``safetensors.torch.load_file``).
         **kwargs: ``storage_options`` (fsspec options for an ``s3://`` URL
             ``ckpt_file_name``), ``file_mode`` (default ``0o600``), ``remove_redundancy``
-            (written to safetensors metadata) and ``saver`` (an AsyncSaver).
+            (written to safetensors metadata), ``saver`` (an AsyncSaver) and
+            ``enc_aad`` (``str``/``bytes``, at most 1024 bytes, needs
+            ``enc_key``): the checkpoint's identity, e.g. ``"run7/step1200"``,
+            stored in the authenticated header (envelope version 2, visible
+            without the key) and checked by ``load_checkpoint(...,
+            expected_id=...)``, so a file swapped for or rolled back to another
+            one under the same key is refused.
+
+    A symlink at ``ckpt_file_name`` is replaced by the new file, never
+    written through (``save_async`` follows it, as ``torch.save`` does).
 
     Returns:
         A :class:`SaveHandle`, already committed unless ``async_save``.
@@ -240,12 +276,17 @@ def save_checkpoint(
         ['bias', 'epoch', 'weight']
     """
     mode = _check_flags(integrated_save, async_save, crc_check, format)
-    file_mode, redundancy, saver = _check_kwargs(kwargs)
+    file_mode, redundancy, saver, enc_aad = _check_kwargs(kwargs)
     if not isinstance(ckpt_file_name, (str, os.PathLike)):
         raise TypeError(
             f"ckpt_file_name must be a str or os.PathLike path; got {type(ckpt_file_name).__name__}"
         )
     _check_encryption(enc_key, enc_mode)
+    if enc_aad is not None and enc_key is None:
+        raise ValueError(
+            "enc_aad binds a checkpoint identity into the encrypted header; it needs enc_key "
+            "(a plaintext file has no authenticated header to hold it)"
+        )
     named = collect_named(save_obj, choice_func, check_append_dict(append_dict))
     storage_options = kwargs.get("storage_options")
     if remote.is_url(ckpt_file_name) or storage_options is not None:
@@ -253,8 +294,7 @@ def save_checkpoint(
             raise ValueError("async_save='process' writes local files only; use True for a URL")
         path = _check_target(ckpt_file_name, "save_checkpoint", storage_options)
     else:
-        path = _check_target(ckpt_file_name, "save_checkpoint")
-    assert path is not None  # a str/PathLike target always yields a path
+        path = _checkpoint_target(ckpt_file_name)
     if format == "safetensors":
         tensors, metadata = _safetensors_parts(named, redundancy, crc_check)
         obj: dict[str, Any] = tensors
@@ -276,7 +316,7 @@ def save_checkpoint(
         sink = remote.sink_for(path, sink, storage_options)
     elif sink is atomic_write:
         sink = functools.partial(atomic_write, mode=file_mode)
-    write = WriteSpec(format, path, sink, enc_key, enc_mode, crc_check, names, metadata)
+    write = WriteSpec(format, path, sink, enc_key, enc_mode, crc_check, names, metadata, enc_aad)
     saver.reserve()
     try:
         snapshot = staging.stage(

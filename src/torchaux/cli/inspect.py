@@ -49,6 +49,7 @@ __all__ = [
     "format_report",
     "format_size",
     "format_counts",
+    "printable",
     "run_inspect",
 ]
 
@@ -80,6 +81,23 @@ class Contents:
     entries: dict[str, Any]
     metadata: dict[str, str] | None
     crc_present: bool
+
+
+def printable(text: str) -> str:
+    r"""``text`` with every non-printable character escaped as Python would (``\n``, ``\x1b``).
+
+    Tensor names, metadata and file names come from the file, so a crafted one
+    could otherwise move the cursor, rewrite earlier lines or fake a report
+    line on the terminal (security review, issue #16 item 5).  Unicode
+    categories Cc, Cf (bidirectional overrides), Z* but the space, and Co/Cn
+    are escaped.
+
+    >>> printable("w\ncrc  present\x1b[1A"), printable("layer.0.weight")
+    ('w\\ncrc  present\\x1b[1A', 'layer.0.weight')
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def format_size(n: int) -> str:
@@ -247,7 +265,7 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     cells = [header]
     for r in rows:
         shape = "-" if r["shape"] is None else "[" + ", ".join(map(str, r["shape"])) + "]"
-        line = [r["name"], r["dtype"], shape, "-" if r["bytes"] is None else str(r["bytes"])]
+        line = [printable(r["name"]), r["dtype"], shape, "-" if r["bytes"] is None else str(r["bytes"])]
         if has_values:
             line.append(repr(r["value"]) if "value" in r else "")
         cells.append(line)
@@ -264,12 +282,14 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
 def format_report(report: dict[str, Any]) -> str:
     """The plain-text form of :func:`inspect_file`'s report."""
     enc = report["encryption"]
-    lines = [f"file        {report['file']} ({format_size(report['size'])})"]
+    lines = [f"file        {printable(report['file'])} ({format_size(report['size'])})"]
     if enc is not None:
         lines.append(
             f"encryption  {enc['mode']}, {enc['key_bits']}-bit key, {enc['kdf']}, "
             f"{format_size(enc['chunk_size'])} chunks (format version {enc['version']})"
         )
+        if enc.get("identity") is not None:
+            lines.append(f"identity    {printable(enc['identity'])} (authenticated: enc_aad)")
     else:
         lines.append("encryption  none")
     if report["entries"] is None:

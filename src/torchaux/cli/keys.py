@@ -8,21 +8,27 @@ from, in this order:
    holding exactly 32, 48 or 64 hexadecimal digits (any case), optionally
    followed by one newline (``\\n`` or ``\\r\\n``), is hex-decoded into a 16-,
    24- or 32-byte key; any other content is used byte for byte as the raw key
-   (16, 24 or 32 bytes, no newline stripped).  On POSIX the file must not be
-   accessible to group or others (``chmod 600 PATH``), as ssh requires for
-   private keys: a key others can read is no longer secret, and one others can
-   write could be swapped for a key an attacker knows.
+   (16, 24 or 32 bytes, no newline stripped).  On POSIX, as ssh requires for
+   private keys, the file must be owned by the current user (or root) and not
+   accessible to group or others (``chmod 600 PATH``), and its directory must
+   be owned by the current user or root and not writable by group or others
+   (unless sticky, like ``/tmp``): a key others can read is no longer secret,
+   and one others can write or replace could be swapped for a key an attacker
+   knows.
 2. The environment variables ``TORCHAUX_DEC_KEY`` / ``TORCHAUX_ENC_KEY``,
    holding the key as 32, 48 or 64 hex digits (surrounding whitespace ignored).
 
 Every error names the source (path or variable), never its content, and a
-:class:`Key` never shows its bytes in ``repr``.
+:class:`Key` never shows its bytes in ``repr``.  :func:`redact` hides, in any
+text the CLI prints, runs of hex digits as long as a key (a key typed where a
+path or mode belongs).
 """
 
 from __future__ import annotations
 
 import binascii
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 
@@ -36,6 +42,7 @@ __all__ = [
     "read_key_file",
     "read_key_env",
     "load_key",
+    "redact",
 ]
 
 #: Environment variable holding the decryption key (hex).
@@ -49,6 +56,18 @@ _HEX_LENGTHS = tuple(2 * n for n in KEY_LENGTHS)
 # and reading it whole could be slow or exhaust memory.
 _MAX_KEY_FILE_BYTES = 4096
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+# 32 or more hex digits in a row: at least a 128-bit key's worth (a SHA-1 hash,
+# 40 digits, is hidden too: a false positive costs a less helpful message).
+_KEY_LIKE = re.compile(r"(?<![0-9A-Fa-f])[0-9A-Fa-f]{32,}(?![0-9A-Fa-f])")
+
+
+def redact(text: str) -> str:
+    """``text`` with every run of 32+ hex digits (what a key looks like) replaced.
+
+    >>> redact("invalid choice: '" + "ab" * 16 + "'")
+    "invalid choice: '<32 hex digits hidden>'"
+    """
+    return _KEY_LIKE.sub(lambda m: f"<{len(m.group())} hex digits hidden>", text)
 
 
 class KeySourceError(ValueError):
@@ -116,14 +135,45 @@ def parse_key_bytes(data: bytes, source: str) -> bytes:
     return _check_length(data, source, "raw")
 
 
+def _trusted_owner(uid: int) -> bool:
+    return uid in (os.geteuid(), 0)
+
+
 def _check_private(st: os.stat_result, path: str) -> None:
     # Windows has no POSIX permission bits worth checking (ACLs instead).
-    if os.name == "nt" or not stat.S_IMODE(st.st_mode) & 0o077:
+    if os.name == "nt":
         return
-    raise KeySourceError(
-        f"key file {path} is accessible to group or others (mode "
-        f"{stat.S_IMODE(st.st_mode):04o}); a shared key is not secret: run 'chmod 600 {path}'"
-    )
+    if not _trusted_owner(st.st_uid):
+        raise KeySourceError(
+            f"key file {path} is owned by uid {st.st_uid}, not by you (uid {os.geteuid()}) or "
+            "root; its owner can change it: use a key file you own (chmod 600)"
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise KeySourceError(
+            f"key file {path} is accessible to group or others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); a shared key is not secret: run 'chmod 600 {path}'"
+        )
+
+
+def _check_directory(path: str) -> None:
+    """The directories holding ``path`` (and its link target) must not let others replace it."""
+    if os.name == "nt":
+        return
+    for directory in {os.path.dirname(os.path.abspath(path)), os.path.dirname(os.path.realpath(path))}:
+        st = os.stat(directory)
+        mode = stat.S_IMODE(st.st_mode)
+        # A sticky directory (/tmp) lets only a file's owner rename or delete it.
+        if mode & 0o022 and not mode & stat.S_ISVTX:
+            raise KeySourceError(
+                f"key file {path} is in directory {directory} (mode {mode:04o}), which group or "
+                "others can write: they could replace the key; move it to a private "
+                f"directory or run 'chmod go-w {directory}'"
+            )
+        if not _trusted_owner(st.st_uid):
+            raise KeySourceError(
+                f"key file {path} is in directory {directory}, owned by uid {st.st_uid}, not by "
+                "you or root: its owner could replace the key; move it to a directory you own"
+            )
 
 
 def _looks_like_key(text: str) -> bool:
@@ -151,6 +201,7 @@ def read_key_file(path: str) -> Key:
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
                 raise KeySourceError(f"key file {path} is not a regular file")
             _check_private(st, path)
+            _check_directory(path)
             data = f.read(_MAX_KEY_FILE_BYTES + 1)
     except OSError as exc:
         if _looks_like_key(path):

@@ -7,7 +7,7 @@ import pickle
 import sys
 import zipfile
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from torchaux.cli.bench.methods import METHODS
 from torchaux.cli.bench.secure import SECURE_METHODS
@@ -48,10 +48,18 @@ class _Parser(argparse.ArgumentParser):
             self.error(f"unrecognized arguments: {' '.join(shown)} (values not shown){hint}")
         return ns
 
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        # argparse echoes bad values ("invalid choice: '00ff...'"); hide key-like ones.
+        from torchaux.cli.keys import redact
+
+        super().error(redact(message))
+
 
 def _first_line(exc: BaseException) -> str:
+    from torchaux.cli.keys import redact  # a key typed as FILE must not be echoed back
+
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    return redact(lines[0]) if lines else type(exc).__name__
 
 
 def _run_checked(args: argparse.Namespace) -> int:

@@ -286,6 +286,7 @@ def test_header_describes_the_stream(mode: str, key_size: int) -> None:
         "kdf": "HKDF-SHA256",
         "chunk_size": 160,
         "header_size": HEADER,
+        "identity": None,
     }
 
 
@@ -373,9 +374,9 @@ def test_golden_bytes(mode: str, digest: str) -> None:
 def test_future_version_is_unsupported_not_corrupt() -> None:
     """A newer format version with a valid CRC raises UnsupportedFormatError naming the upgrade."""
     blob = bytearray(_encrypt(b"abc", bytes(16), "AES-GCM"))
-    blob[8:10] = (2).to_bytes(2, "big")
+    blob[8:10] = (3).to_bytes(2, "big")
     blob[56:60] = zlib.crc32(bytes(blob[:56])).to_bytes(4, "big")
-    with pytest.raises(UnsupportedFormatError, match="version 2 .*upgrade torchaux"):
+    with pytest.raises(UnsupportedFormatError, match="version 3 .*upgrade torchaux"):
         DecryptingReader(io.BytesIO(bytes(blob)), bytes(16))
 
 

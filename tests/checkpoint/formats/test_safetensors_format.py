@@ -563,3 +563,101 @@ def test_sniff_recognises_safetensors_only() -> None:
     assert sniff_safetensors(st_torch.save({})[:16])
     for other in [torch_zip.getvalue(), legacy.getvalue(), b'{"a": 1, "b": 2}', b"", b"\x08" + b"\0" * 7]:
         assert not sniff_safetensors(other[:64])
+
+
+# -- metadata is data, not structure (security review, issue #16 item 6) ------
+
+import warnings  # noqa: E402
+
+import torchaux  # noqa: E402
+from torchaux.checkpoint.formats.safetensors.metadata import (  # noqa: E402
+    APPEND_METADATA_KEY,
+    HEADER_CRC_KEY,
+    header_crc,
+    safetensors_entries,
+)
+
+
+def _st_file(path: Path, header: dict[str, Any], data: bytes) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def _entry(dtype: str, shape: list[int], begin: int, end: int) -> dict[str, Any]:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (json.dumps({"a": 1}), "has the name of a tensor"),
+        (json.dumps({"evil": {"n": 1}}), "'evil' is a dict"),
+        (json.dumps({"lst": [1, {"x": None}]}), "'lst' is a list"),
+        (json.dumps({"none": None}), "'none' is a NoneType"),
+        ('"abc"', "must be a JSON object .* found a str"),
+        ("[1, 2]", "must be a JSON object .* found a list"),
+        ('{"n": ' + "9" * 5000 + "}", "not valid JSON"),
+        ("{not json", "not valid JSON"),
+        ("[" * 100000 + "]" * 100000, "not valid JSON"),
+    ],
+    ids=["shadow", "dict", "list", "null", "str", "array", "huge-int", "garbage", "deep"],
+)
+def test_values_metadata_can_only_add_scalars(tmp_path: Path, values: str, message: str) -> None:
+    """t_st.py: torchaux.values never replaces a tensor or injects lists/dicts; damage is IntegrityError."""
+    path = _st_file(
+        tmp_path / "v.safetensors",
+        {"__metadata__": {APPEND_METADATA_KEY: values}, "a": _entry("F32", [1], 0, 4)},
+        bytes(4),
+    )
+    with pytest.raises(IntegrityError, match=message):
+        torchaux.load_checkpoint(path)
+
+
+def test_values_metadata_keeps_scalar_types() -> None:
+    values = json.dumps({"i": 3, "f": 0.5, "b": True, "s": "x", "nan": float("nan")})
+    out = safetensors_entries({"w": torch.ones(1)}, {APPEND_METADATA_KEY: values}, "f")
+    assert [type(out[k]) for k in ("i", "f", "b", "s", "nan")] == [int, float, bool, str, float]
+
+
+def _crc_file(tmp_path: Path) -> tuple[dict[str, Any], bytes]:
+    path = tmp_path / "c.safetensors"
+    torchaux.save_checkpoint(
+        {"w": torch.ones(2)}, path, format="safetensors", crc_check=True, append_dict={"e": 1}
+    )
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def test_stripped_header_crc_is_an_integrity_error(tmp_path: Path) -> None:
+    """t_hdr.py: removing torchaux.header_crc32 no longer disables it (dtype F32 -> I32)."""
+    header, data = _crc_file(tmp_path)
+    del header["__metadata__"][HEADER_CRC_KEY]
+    header["w"]["dtype"] = "I32"
+    path = _st_file(tmp_path / "c2.safetensors", header, data)
+    with pytest.raises(IntegrityError, match="header CRC was removed"):
+        torchaux.load_checkpoint(path, crc_check=True)
+    assert torchaux.load_checkpoint(path)["w"].dtype == torch.int32  # no check asked: no check
+
+
+def test_changed_dtype_with_header_crc_is_an_integrity_error(tmp_path: Path) -> None:
+    header, data = _crc_file(tmp_path)
+    header["w"]["dtype"] = "I32"
+    path = _st_file(tmp_path / "c3.safetensors", header, data)
+    with pytest.raises(IntegrityError, match="header CRC does not match"):
+        torchaux.load_checkpoint(path, crc_check=True)
+
+
+def test_mindspore_file_without_header_crc_warns(tmp_path: Path) -> None:
+    """MindSpore writes crc_num only ("format": "ms"): loaded, with a warning naming the gap."""
+    t = {"w": torch.ones(2)}
+    meta = {"format": "ms", "crc_num": str(sf.safetensors_crc(t))}
+    path = _st_file(tmp_path / "ms.safetensors", {"__metadata__": meta, "w": _entry("F32", [2], 0, 8)},
+                    sf.raw_bytes(t["w"]).tobytes())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = torchaux.load_checkpoint(path, crc_check=True)
+    assert torch.equal(loaded["w"], t["w"])
+    assert any("not covered by a CRC" in str(w.message) for w in caught)
+    assert header_crc(t, {"format": "pt"}) == "0a683a29"

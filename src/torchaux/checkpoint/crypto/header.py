@@ -22,7 +22,10 @@ from torchaux.errors import DecryptionError, IntegrityError, UnsupportedFormatEr
 __all__ = [
     "MAGIC",
     "FORMAT_VERSION",
+    "IDENTITY_VERSION",
+    "VERSIONS",
     "HEADER_SIZE",
+    "MAX_IDENTITY_BYTES",
     "MIN_CHUNK_SIZE",
     "MAX_CHUNK_SIZE",
     "MODES",
@@ -33,13 +36,24 @@ __all__ = [
     "new_header",
     "read_header",
     "check_key",
+    "check_identity",
+    "check_expected_identity",
     "random_bytes",
     "require_cryptography",
 ]
 
 MAGIC = b"\x89TAUXE\r\n"
+#: Version of a header without an identity (byte-identical to torchaux 0.1.0's).
 FORMAT_VERSION = 1
+#: Version of a header carrying a checkpoint identity (``enc_aad``) before its CRC.
+IDENTITY_VERSION = 2
+#: Versions this torchaux reads.
+VERSIONS = (FORMAT_VERSION, IDENTITY_VERSION)
+#: Length of a version-1 header; a version-2 header is 94 + identity length.
 HEADER_SIZE = 92
+#: Longest identity (UTF-8 bytes) a header may carry: a name and a step, not a payload.
+MAX_IDENTITY_BYTES = 1024
+_ID_LEN = struct.Struct(">H")
 # Chunk sizes are whole cipher blocks, so a full CBC chunk pads to exactly one
 # extra block and every final chunk (always shorter than a full one) has a
 # strictly shorter record: record length alone tells the reader which is last.
@@ -134,9 +148,17 @@ class Header:
     salt: bytes
     nonce_prefix: bytes
     raw: bytes
+    #: The checkpoint identity of a version-2 header (authenticated, not secret); None in v1.
+    identity: bytes | None = None
 
     def describe(self) -> dict[str, Any]:
         """The fields a user may want to see (nothing secret)."""
+        identity = None
+        if self.identity is not None:
+            try:
+                identity = self.identity.decode("utf-8")
+            except UnicodeDecodeError:
+                identity = "hex:" + self.identity.hex()
         return {
             "format": "torchaux-encrypted",
             "version": self.version,
@@ -145,7 +167,42 @@ class Header:
             "kdf": "HKDF-SHA256",
             "chunk_size": self.chunk_size,
             "header_size": len(self.raw),
+            "identity": identity,
         }
+
+
+def check_identity(value: object, name: str = "enc_aad") -> bytes:
+    """A checkpoint identity as bytes: a non-empty ``str`` (UTF-8) or ``bytes`` of at most 1024.
+
+    >>> check_identity("run7/step1200")
+    b'run7/step1200'
+    """
+    if isinstance(value, str):
+        try:
+            value = value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{name} must be valid Unicode (it has a lone surrogate)") from None
+    if not isinstance(value, bytes):
+        raise TypeError(f"{name} must be a str or bytes, e.g. 'run7/step1200'; got {type(value).__name__}")
+    if not 1 <= len(value) <= MAX_IDENTITY_BYTES:
+        raise ValueError(
+            f"{name} must be 1 to {MAX_IDENTITY_BYTES} bytes (a name and step, not data); "
+            f"got {len(value)} bytes"
+        )
+    return value
+
+
+def check_expected_identity(header: Header, expected: bytes) -> None:
+    """Refuse a file whose authenticated identity is not ``expected`` (call after :func:`check_key`)."""
+    if header.identity == expected:
+        return
+    found = "no identity (saved without enc_aad)" if header.identity is None else (
+        f"identity {header.identity[:80]!r}"
+    )
+    raise DecryptionError(
+        f"the file is not the expected checkpoint: it carries {found}, expected "
+        f"{expected[:80]!r}; it was swapped, rolled back or saved under another identity"
+    )
 
 
 def derive_key(key: bytes, header: Header | bytes, purpose: bytes, n: int) -> bytes:
@@ -160,14 +217,22 @@ def derive_key(key: bytes, header: Header | bytes, purpose: bytes, n: int) -> by
     return HKDF(algorithm=hashes.SHA256(), length=n, salt=raw[20:52], info=info).derive(key)
 
 
-def new_header(key: bytes, mode: str, chunk_size: int) -> Header:
-    """A fresh header for ``key``: random salt and nonce prefix, CRC and HMAC filled in."""
+def new_header(key: bytes, mode: str, chunk_size: int, identity: bytes | None = None) -> Header:
+    """A fresh header for ``key``: random salt and nonce prefix, CRC and HMAC filled in.
+
+    With ``identity`` the header is version 2: the identity (length-prefixed)
+    sits before the CRC, so the HMAC authenticates it and every chunk, bound
+    to the SHA-256 of the whole header, is bound to it too.
+    """
     spec = validate_key(key, mode)
+    if identity is not None:
+        identity = check_identity(identity)
     prefix = random_bytes(4) if spec.aead else bytes(4)
+    extra = b"" if identity is None else _ID_LEN.pack(len(identity)) + identity
     fields = _FIELDS.pack(
         MAGIC,
-        FORMAT_VERSION,
-        HEADER_SIZE,
+        FORMAT_VERSION if identity is None else IDENTITY_VERSION,
+        HEADER_SIZE + len(extra),
         spec.id,
         len(key),
         _KDF_HKDF_SHA256,
@@ -175,7 +240,7 @@ def new_header(key: bytes, mode: str, chunk_size: int) -> Header:
         chunk_size,
         random_bytes(32),
         prefix,
-    )
+    ) + extra
     signed = fields + struct.pack(">I", zlib.crc32(fields))
     mac_key = derive_key(key, signed, b"header-mac", _MAC)
     return _parse(signed + hmac.digest(mac_key, signed, "sha256"))
@@ -243,10 +308,10 @@ def _parse(raw: bytes) -> Header:
     _, version, size, mode_id, key_size, kdf, reserved, chunk, salt, prefix = _FIELDS.unpack_from(
         raw
     )
-    if version != FORMAT_VERSION:
+    if version not in VERSIONS:
         raise UnsupportedFormatError(
             f"encrypted checkpoint format version {version} is not supported: this torchaux "
-            f"reads version {FORMAT_VERSION}; upgrade torchaux to load it"
+            f"reads versions {VERSIONS}; upgrade torchaux to load it"
         )
     spec = _BY_ID.get(mode_id)
     if spec is None or kdf != _KDF_HKDF_SHA256:
@@ -256,7 +321,15 @@ def _parse(raw: bytes) -> Header:
             "upgrade torchaux to load it"
         )
     problems = []
-    if size != HEADER_SIZE:
+    identity = None
+    if version == IDENTITY_VERSION:
+        # body is [0, size - 36): the v1 fields, then uint16 L and L identity bytes.
+        n = _ID_LEN.unpack_from(raw, _CRC_AT)[0] if len(body) >= _CRC_AT + 2 else -1
+        if not 1 <= n <= MAX_IDENTITY_BYTES or size != HEADER_SIZE + 2 + n:
+            problems.append(f"identity length {n} in a {size}-byte header")
+        else:
+            identity = bytes(raw[_CRC_AT + 2 : _CRC_AT + 2 + n])
+    elif size != HEADER_SIZE:
         problems.append(f"header length {size} (expected {HEADER_SIZE})")
     if key_size not in spec.key_sizes:
         problems.append(f"key length {key_size} (expected {_lengths(spec)} for {spec.name})")
@@ -270,7 +343,7 @@ def _parse(raw: bytes) -> Header:
             + "; ".join(problems)
             + "; the file was not written by this torchaux version or is corrupt"
         )
-    return Header(version, spec, key_size, chunk, salt, prefix, raw)
+    return Header(version, spec, key_size, chunk, salt, prefix, raw, identity)
 
 
 def check_key(key: bytes, header: Header, mode: str | None) -> None:
@@ -285,9 +358,9 @@ def check_key(key: bytes, header: Header, mode: str | None) -> None:
             f"wrong key: the file was encrypted with a {header.key_size}-byte "
             f"{header.mode.name} key, got a {len(key)}-byte key; pass the key used to save it"
         )
-    signed = header.raw[:_MAC_AT]
+    signed = header.raw[: len(header.raw) - _MAC]
     mac_key = derive_key(key, header, b"header-mac", _MAC)
-    if not hmac.compare_digest(hmac.digest(mac_key, signed, "sha256"), header.raw[_MAC_AT:]):
+    if not hmac.compare_digest(hmac.digest(mac_key, signed, "sha256"), header.raw[len(signed):]):
         raise DecryptionError(
             f"wrong key: the header's HMAC does not verify under the given "
             f"{header.key_size * 8}-bit {header.mode.name} key (or the header was tampered "

@@ -41,11 +41,15 @@ class DecryptingReader(io.RawIOBase):
         mode: the mode the caller expects; ``None`` accepts the file's mode.
         workers: decryption threads; ``None``: 1 for AES-GCM, else one per
             core (at most 8).
+        expected_id: the identity (``str``/``bytes``) the file must carry in
+            its authenticated header (``EncryptingWriter(identity=...)``); a
+            different or missing identity raises :class:`DecryptionError`.
 
     Raises:
         TypeError, ValueError: bad ``key``/``mode``/``workers`` (before any I/O).
         IntegrityError: not an encrypted checkpoint, damaged or truncated data.
-        DecryptionError: wrong key, other mode, or tampered data.
+        DecryptionError: wrong key, other mode, tampered data, or not the
+            expected identity.
         UnsupportedFormatError: written by a newer torchaux.
 
     Example:
@@ -58,9 +62,16 @@ class DecryptingReader(io.RawIOBase):
     """
 
     def __init__(
-        self, raw: IO[bytes], key: bytes, *, mode: str | None = None, workers: int | None = None
+        self,
+        raw: IO[bytes],
+        key: bytes,
+        *,
+        mode: str | None = None,
+        workers: int | None = None,
+        expected_id: bytes | str | None = None,
     ) -> None:
         super().__init__()
+        expected = None if expected_id is None else _header.check_identity(expected_id, "expected_id")
         if mode is not None:
             _header.validate_key(key, mode)
         elif not isinstance(key, bytes):
@@ -72,6 +83,10 @@ class DecryptingReader(io.RawIOBase):
         self._raw = raw
         header = read_header(raw)
         check_key(key, header, mode)
+        if expected is not None:
+            _header.check_expected_identity(header, expected)
+        #: The authenticated identity of a version-2 file, else None.
+        self.identity = header.identity
         #: The file's mode, e.g. ``"AES-GCM"``.
         self.encryption_mode = header.mode.name
         self._cipher = cipher_for(key, header)
@@ -219,6 +234,7 @@ def decrypt_stream(
     mode: str | None = None,
     *,
     workers: int | None = None,
+    expected_id: bytes | str | None = None,
 ) -> int:
     """Decrypt all of ``raw`` into ``out``; return the plaintext byte count.
 
@@ -235,7 +251,7 @@ def decrypt_stream(
         100
     """
     total = 0
-    with DecryptingReader(raw, key, mode=mode, workers=workers) as reader:
+    with DecryptingReader(raw, key, mode=mode, workers=workers, expected_id=expected_id) as reader:
         for chunk in reader._chunks():
             write_all(out, chunk)
             total += len(chunk)

@@ -79,6 +79,9 @@ class EncryptingWriter:
             or is freed before :meth:`finish`/:meth:`close` returns; whole
             chunks are then sealed from it without waiting in ``write``, so
             the cipher threads never starve (staged checkpoints qualify).
+        identity: the checkpoint's identity (``str``/``bytes``, at most 1024
+            bytes, e.g. ``"run7/step1200"``), written into an authenticated
+            version-2 header; ``None`` writes a version-1 header.
 
     Raises:
         TypeError, ValueError: bad key, mode, chunk size or worker count
@@ -105,8 +108,11 @@ class EncryptingWriter:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         workers: int | None = None,
         stable_buffers: bool = False,
+        identity: bytes | str | None = None,
     ) -> None:
         _header.validate_key(key, mode)
+        if identity is not None:
+            identity = _header.check_identity(identity, "identity")
         # The caller promises not to change any buffer passed to write() until
         # finish()/close() returns (true for staged checkpoint buffers), so whole
         # chunks are sealed straight from it and write() returns without waiting:
@@ -115,7 +121,7 @@ class EncryptingWriter:
         self._stable = stable_buffers
         self._chunk = _check_chunk_size(chunk_size)
         n_workers = check_workers(workers) or default_workers(_header.MODES[mode].aead)
-        header = _header.new_header(key, mode, self._chunk)
+        header = _header.new_header(key, mode, self._chunk, identity)
         self._cipher = cipher_for(key, header)
         self._raw = raw
         self._state = "open"

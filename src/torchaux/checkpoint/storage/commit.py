@@ -104,7 +104,12 @@ def atomic_write(
     do_fsync = _knobs.fsync_enabled() if fsync is None else fsync
     target = os.path.abspath(path)
     tmp = temp_path_for(target)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    # O_EXCL already refuses an existing name, a symlink included; O_NOFOLLOW
+    # says so explicitly (security review, issue #16 item 1).
+    flags = (
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        | getattr(os, "O_NOFOLLOW", 0)
+    )
     fd = os.open(tmp, flags, 0o600 if mode is not None else 0o666)
     try:
         with _open_writer(fd) as f:  # owns fd from here on
@@ -114,7 +119,11 @@ def atomic_write(
                 with contextlib.suppress(FileNotFoundError):
                     # Overwriting in place (torch.save) keeps the file's permissions;
                     # a replaced file must keep them too (e.g. a 0o600 checkpoint).
-                    os.chmod(fd, stat.S_IMODE(os.stat(target).st_mode))
+                    # lstat: a symlink at the target is replaced by os.replace, never
+                    # written through, so its destination's bits are not ours to copy.
+                    st = os.lstat(target)
+                    if not stat.S_ISLNK(st.st_mode):
+                        os.chmod(fd, stat.S_IMODE(st.st_mode))
             yield f  # type: ignore[misc]
             f.flush()
             if isinstance(f, DirectFile):

@@ -8,6 +8,15 @@ uses, mindspore-spec.md §4.1) folded over, for every earlier member in
 order, ``name (UTF-8) || 0x00 || member CRC (4 bytes LE) || size (8 bytes LE)``.
 Verification re-reads every member (zipfile checks each member CRC) and
 recomputes that fold.  ``torch.load`` ignores the extra member.
+
+Every member of our archives is stored uncompressed (docs/FORMAT.md §1), so
+:func:`check_members` refuses, from the directory and local headers alone and
+before anything is decompressed, any compressed or encrypted member, sizes
+that disagree, and data that runs past the file or overlaps another member:
+a 1 MB file could otherwise inflate into gigabytes inside ``torch.load``
+(security review, issue #16 item 2).  The content CRC member is 8 bytes and
+is read with that bound, and messages quote file content only shortened,
+with ``!r``.
 """
 
 from __future__ import annotations
@@ -21,12 +30,30 @@ from typing import IO
 
 from torchaux.errors import IntegrityError
 
-__all__ = ["CRC_MEMBER", "content_crc", "verify_zip_crc", "has_content_crc"]
+__all__ = ["CRC_MEMBER", "content_crc", "verify_zip_crc", "has_content_crc", "check_members"]
 
 #: Member name, below the archive folder, of the content CRC.
 CRC_MEMBER = ".torchaux/crc32"
 
 _READ_CHUNK = 8 << 20
+#: Bytes of the content CRC member: eight hex digits.
+_CRC_MEMBER_SIZE = 8
+# Local file header (APPNOTE.TXT 4.3.7): signature, version, flags, method,
+# time, date, CRC-32, compressed size, uncompressed size, name and extra lengths.
+_LOCAL = struct.Struct("<IHHHHHIIIHH")
+_LOCAL_SIG = 0x04034B50
+# Longest quote of file content (a member name) in an error message.
+_QUOTE = 80
+
+
+def _quote(text: str) -> str:
+    return repr(text if len(text) <= _QUOTE else text[:_QUOTE] + "...")
+
+
+def _brief(exc: BaseException) -> str:
+    """``exc`` for a message: type and at most a line of its text, quoted."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {_quote(text)}"
 
 
 def content_crc(members: Iterable[tuple[str, int, int]]) -> int:
@@ -51,12 +78,85 @@ def _open(source: IO[bytes] | bytes, path: str) -> zipfile.ZipFile:
     except Exception as exc:  # zipfile raises many types on damage; all mean "damaged"
         raise IntegrityError(
             f"{path}: expected a torch.save zip archive, found a damaged or truncated file "
-            f"({exc}); restore it from another copy"
+            f"({_brief(exc)}); restore it from another copy"
         ) from exc
+
+
+def check_members(data: bytes | bytearray | memoryview, path: str = "<checkpoint>") -> None:
+    """Refuse an archive whose members are not stored as torch.save/torchaux store them.
+
+    Reads only the central directory and each local header (nothing is
+    decompressed): every member must be stored (method 0, no encryption),
+    with equal compressed and uncompressed sizes in both headers, its data
+    inside the file and not overlapping another member's.
+
+    Raises:
+        IntegrityError: the first member that breaks a rule, named (shortened).
+
+    Example:
+        >>> import zipfile
+        >>> buf = io.BytesIO()
+        >>> with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        ...     z.writestr("a/data.pkl", bytes(1000))
+        >>> check_members(buf.getvalue())
+        Traceback (most recent call last):
+        torchaux.errors.IntegrityError: <checkpoint>: member 'a/data.pkl' is compressed (method 8)...
+    """
+    blob = bytes(data)  # no copy for bytes (the common case)
+    view = memoryview(blob)
+    size = len(view)
+    with _open(blob, path) as z:  # parses the central directory only
+        infos = z.infolist()
+    spans = []
+    for info in infos:
+        name = _quote(info.filename)
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise IntegrityError(
+                f"{path}: member {name} is compressed (method {info.compress_type}); checkpoint "
+                "members are always stored uncompressed, so this file was crafted or is not a "
+                "checkpoint (refused before decompressing anything)"
+            )
+        if info.flag_bits & 0x1:
+            raise IntegrityError(f"{path}: member {name} is zip-encrypted; not a checkpoint")
+        if info.compress_size != info.file_size:
+            raise IntegrityError(
+                f"{path}: member {name} records {info.compress_size} stored bytes but a size "
+                f"of {info.file_size}; a stored member has one size: the directory is damaged"
+            )
+        at = info.header_offset
+        if at < 0 or at + _LOCAL.size > size:
+            raise IntegrityError(
+                f"{path}: member {name} has its header at byte {at}, outside the {size}-byte "
+                "file; the file is truncated or damaged"
+            )
+        sig, _, _, method, _, _, _, _, _, name_len, extra_len = _LOCAL.unpack_from(view, at)
+        if sig != _LOCAL_SIG or method != 0:
+            raise IntegrityError(
+                f"{path}: member {name}'s local header at byte {at} is "
+                + ("not a local header" if sig != _LOCAL_SIG else f"compressed (method {method})")
+                + "; refused before decompressing anything"
+            )
+        start = at + _LOCAL.size + name_len + extra_len
+        end = start + info.file_size
+        if end > size:
+            raise IntegrityError(
+                f"{path}: member {name} claims {info.file_size} bytes from byte {start}, past "
+                f"the end of the {size}-byte file; the file is truncated or was crafted"
+            )
+        spans.append((at, end, name))
+    spans.sort()
+    for (_, end, name), (at, _, other) in zip(spans, spans[1:]):
+        if at < end:
+            raise IntegrityError(
+                f"{path}: member {other} starts at byte {at}, inside member {name} (ends at "
+                f"{end}); members of a checkpoint never overlap: the file was crafted"
+            )
 
 
 def has_content_crc(source: IO[bytes] | bytes) -> bool:
     """Whether the archive carries a ``.torchaux/crc32`` member."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        check_members(source)
     with _open(source, "<checkpoint>") as z:
         return any(i.filename.endswith("/" + CRC_MEMBER) for i in z.infolist())
 
@@ -71,7 +171,9 @@ def verify_zip_crc(source: IO[bytes] | bytes, path: str = "<checkpoint>") -> boo
     Raises:
         IntegrityError: a member's bytes or the member list do not match.
     """
-    if isinstance(source, bytes):
+    if not isinstance(source, (bytes, bytearray, memoryview)):
+        source = source.read()
+    if isinstance(source, (bytes, bytearray, memoryview)):
         # Our archives end with an end-of-central-directory record without a
         # comment; anything after it (or a comment) was appended later, which
         # zipfile and torch.load would silently ignore.
@@ -81,13 +183,14 @@ def verify_zip_crc(source: IO[bytes] | bytes, path: str = "<checkpoint>") -> boo
                 f"{path}: expected the archive to end with its end-of-directory record, found "
                 "extra bytes after it (appended data); the file was modified after saving"
             )
+    check_members(source, path)  # before anything is decompressed or read
     try:
-        return _verify(source, path)
+        return _verify(bytes(source), path)
     except IntegrityError:
         raise
     except Exception as exc:  # a damaged archive can fail zipfile in many ways
         raise IntegrityError(
-            f"{path}: damaged archive ({type(exc).__name__}: {exc}); restore it from another copy"
+            f"{path}: damaged archive ({_brief(exc)}); restore it from another copy"
         ) from exc
 
 
@@ -104,18 +207,27 @@ def _verify(source: IO[bytes] | bytes, path: str) -> bool:
         members = []
         stored: str | None = None
         for info in infos:
+            is_crc = info.filename.endswith("/" + CRC_MEMBER)
+            if is_crc and info.file_size != _CRC_MEMBER_SIZE:
+                raise IntegrityError(
+                    f"{path}: the content CRC member holds {info.file_size} bytes; expected "
+                    f"{_CRC_MEMBER_SIZE} hex digits: the file was modified after saving"
+                )
             try:
                 with z.open(info) as f:
-                    data = b""
-                    while chunk := f.read(_READ_CHUNK):
-                        if info.filename.endswith("/" + CRC_MEMBER):
-                            data += chunk
+                    if is_crc:
+                        # A fixed bound, whatever the directory claims; reaching the
+                        # end makes zipfile check the member's CRC-32.
+                        data = f.read(_CRC_MEMBER_SIZE + 1)
+                    else:
+                        while f.read(_READ_CHUNK):
+                            pass
             except Exception as exc:  # BadZipFile, zlib.error, EOFError, ...
                 raise IntegrityError(
-                    f"{path}: member {info.filename!r} fails its CRC-32 check ({exc}); the "
-                    "file is damaged, restore it from another copy"
+                    f"{path}: member {_quote(info.filename)} fails its CRC-32 check "
+                    f"({_brief(exc)}); the file is damaged, restore it from another copy"
                 ) from exc
-            if info.filename.endswith("/" + CRC_MEMBER):
+            if is_crc:
                 stored = data.decode("ascii", errors="replace")
                 break
             members.append((info.filename, info.CRC, info.file_size))
@@ -129,7 +241,7 @@ def _verify(source: IO[bytes] | bytes, path: str) -> bool:
         expected = f"{content_crc(members):08x}"
         if stored != expected:
             raise IntegrityError(
-                f"{path}: content CRC mismatch: the file records {stored!r} but its members "
+                f"{path}: content CRC mismatch: the file records {_quote(stored)} but its members "
                 f"give {expected!r}; members were added, removed or altered"
             )
         return True
