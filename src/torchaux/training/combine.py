@@ -13,9 +13,14 @@ How it works, and how it differs from torch_npu (facts from Ascend/pytorch
   the combined buffer's storage.  The tensor object itself stays the same Python
   object: an ``nn.Parameter`` keeps its type, ``requires_grad`` and identity, so
   optimizers and modules that hold it keep working.
-* The inputs *share ownership* of the buffer, so nothing can dangle: torch_npu
-  swaps in a non-owning pointer, and freeing the combined tensor first leaves
-  the inputs pointing at freed memory.
+* Each input gets a storage of its own size (as on torch_npu: ``nbytes()``,
+  ``storage().size()``, ``torch.save``, ``save_async`` and ``save_checkpoint``
+  of one parameter see and write only its bytes) that aliases its span of the
+  buffer and co-owns the buffer, so nothing can dangle: torch_npu swaps in a
+  non-owning pointer, and freeing the combined tensor first leaves the inputs
+  pointing at freed memory.  The storage comes from a DLPack round trip
+  (:func:`_own_storage`); devices without DLPack share the whole buffer's
+  storage instead, and :func:`get_storage_size` still reports each span.
 * Only the tensors passed in move.  Other aliases of an old storage (a
   ``.detach()`` or ``.data`` taken *before* combining, views of it) keep the old
   memory.  torch_npu moves the storage object, so those aliases follow there.
@@ -25,16 +30,17 @@ How it works, and how it differs from torch_npu (facts from Ascend/pytorch
   at the same offset.  Inputs that share one storage share one span (upstream
   counts it twice).  With ``require_copy_value=True`` every byte of the old
   storage is copied (upstream copies only the viewed elements and zero-fills
-  the rest).  :func:`get_storage_size` keeps reporting each input's own span
-  after combining (as torch_npu does), so offsets computed after the call
-  still add up.
+  the rest).  :func:`get_storage_size` reports each input's own span after
+  combining, also through ``.data`` and ``.detach()`` aliases taken afterwards.
 * Any dtype is accepted (upstream: fp16/fp32/bf16 only), and the buffer is
   allocated on the inputs' device, type *and* index (upstream allocates on the
   current device).
 
 Writes through ``combined`` do not bump the inputs' autograd version counters
 (they are different tensor objects), exactly as upstream: do not modify the
-buffer between a forward pass and its backward pass.
+buffer between a forward pass and its backward pass.  Combining itself between
+a forward and its backward works (the values do not change, so the version
+counters are restored), as with upstream's pointer swap.
 """
 
 from __future__ import annotations
@@ -53,13 +59,10 @@ __all__ = [
 ]
 
 
-# Span (first element, size) given to each tensor moved by combine_tensors or
-# made by get_part_combined_tensor, keyed by tensor identity, with the storage's
-# (pointer, bytes) so that a later re-pointing (set_, `p.data = ...`) is noticed.
-# torch_npu keeps reporting these sizes because it swaps pointers but keeps
-# each storage's size; our inputs share the whole buffer's storage, so the size
-# has to be remembered.  Weak keys: an entry dies with its tensor
-# (Tensor.__eq__ is elementwise, so a plain WeakKeyDictionary cannot hold it).
+# Without DLPack the inputs share the whole buffer's storage, so each one's span
+# (first element, size) is remembered, keyed by tensor identity with the storage's
+# (pointer, bytes) so a later re-pointing is noticed (weak keys: Tensor.__eq__ is
+# elementwise, so a plain WeakKeyDictionary cannot hold tensors).
 _SPANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -75,10 +78,6 @@ def get_storage_size(tensor: torch.Tensor) -> int:
 
     Args:
         tensor: a strided tensor on any device.
-
-    Returns:
-        The span in elements (``storage bytes // element size`` for a tensor
-        that was never combined).
 
     Example:
         >>> import torch
@@ -235,20 +234,50 @@ def combine_tensors(
     dtype, device = tensors[0].dtype, tensors[0].device
     esize = tensors[0].element_size()
     combined = torch.zeros(total, dtype=dtype, device=device)
-    new_storage = combined.untyped_storage()
+    raw = combined.view(torch.uint8)
+    spans: dict[tuple[int, int], torch.UntypedStorage | None] = {}
     with torch.no_grad():
-        if require_copy_value:
-            # Raw bytes, span by span: keeps every element of each storage (not
-            # only the viewed ones) and works for every dtype.
-            raw = combined.view(torch.uint8)
-            for old, first, size, start in copies:
+        for old, first, size, start in copies:
+            if require_copy_value:
+                # Raw bytes, span by span: keeps every element of each storage (not
+                # only the viewed ones) and works for every dtype.
                 source = torch.empty(0, dtype=torch.uint8, device=device).set_(old)
                 dst = raw[start * esize : (start + size) * esize]
                 dst.copy_(source[first * esize : (first + size) * esize])
+            spans[start, size] = _own_storage(raw, start * esize, size * esize)
+        # set_ bumps the version counter shared with views autograd saved (linear
+        # saves weight.t()); the values are unchanged, so restore it (not when
+        # they become zeros) and a backward pending across the combine still works.
+        versions = tuple(t._version for t, *_ in targets)
         for t, start, offset, size in targets:
-            t.set_(new_storage, start + offset, t.size(), t.stride())
-            _SPANS[t] = ((new_storage.data_ptr(), new_storage.nbytes()), start, size)
+            own = spans[start, size]
+            if own is None:  # no DLPack for this device: share the whole buffer
+                whole = combined.untyped_storage()
+                t.set_(whole, start + offset, t.size(), t.stride())
+                _SPANS[t] = ((whole.data_ptr(), whole.nbytes()), start, size)
+            else:
+                t.set_(own, offset, t.size(), t.stride())
+                _SPANS.pop(t, None)
+        if require_copy_value:
+            torch._C._autograd._unsafe_set_version_counter(
+                tuple(t for t, *_ in targets), versions
+            )
     return combined
+
+
+def _own_storage(raw: torch.Tensor, begin: int, nbytes: int) -> torch.UntypedStorage | None:
+    """A storage of exactly ``nbytes`` aliasing ``raw[begin:]``, keeping ``raw`` alive.
+
+    PyTorch has no public storage view; ``torch.from_dlpack`` makes a storage of
+    the capsule's size whose deleter holds the source tensor (``at::fromDLPack``,
+    aten/src/ATen/DLConvertor.cpp).  None without DLPack (meta, some plugins).
+    """
+    if nbytes == 0:  # an empty capsule has no address; stay inside the buffer instead
+        return None
+    try:
+        return torch.from_dlpack(raw[begin : begin + nbytes]).untyped_storage()
+    except (BufferError, RuntimeError, TypeError, ValueError):
+        return None
 
 
 #: torch_npu's name for :func:`combine_tensors` (``torch_npu.utils.npu_combine_tensors``).
@@ -261,7 +290,8 @@ def get_part_combined_tensor(
     """Return a 1-D tensor aliasing ``size`` elements of ``combined_tensor`` from ``index``.
 
     The result shares (and co-owns) the buffer's memory but is not an autograd
-    view of it.  Unlike torch_npu, its ``storage_offset()`` is ``index``, not 0.
+    view of it; as on torch_npu, its storage holds exactly ``size`` elements
+    and its ``storage_offset()`` is 0.
 
     Args:
         combined_tensor: a buffer returned by :func:`combine_tensors`, or ``None``.
@@ -312,8 +342,15 @@ def get_part_combined_tensor(
         )
     storage = combined_tensor.untyped_storage()
     part = torch.empty(0, dtype=combined_tensor.dtype, device=combined_tensor.device)
-    part.set_(storage, combined_tensor.storage_offset() + index, (size,))
-    _SPANS[part] = ((storage.data_ptr(), storage.nbytes()), part.storage_offset(), size)
+    esize = combined_tensor.element_size()
+    begin = combined_tensor.storage_offset() + index
+    raw = torch.empty(0, dtype=torch.uint8, device=combined_tensor.device).set_(storage)
+    own = _own_storage(raw, begin * esize, size * esize)
+    if own is None:
+        part.set_(storage, begin, (size,))
+        _SPANS[part] = ((storage.data_ptr(), storage.nbytes()), part.storage_offset(), size)
+    else:  # as on torch_npu: a storage of its own `size` elements, offset 0
+        part.set_(own, 0, (size,))
     return part
 
 
