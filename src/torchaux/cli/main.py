@@ -165,6 +165,15 @@ def _bench(args: argparse.Namespace) -> int:
 
     from torchaux.cli.bench.secure import SECURE_DEFAULT_METHODS
 
+    if args.frameworks:
+        from torchaux.cli.bench.frameworks import format_frameworks, run_frameworks
+
+        print(format_frameworks(run_frameworks(
+            size_mib=args.size_mib or 16, steps=args.steps or 10, every=args.every or 5,
+            directory=args.dir,
+            log=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True) if args.verbose else None,
+        )))
+        return 0
     # --secure: a 1 GiB state (issue #3's bar) with a lighter step, fewer saves.
     profile = _SECURE_PROFILE if args.secure else _PLAIN_PROFILE
     cfg = BenchConfig(
@@ -229,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--manager", action="store_true",
                        help="CheckpointManager save stall vs bare save_async, and S3 upload vs "
                             "s3fs put_file on a local moto server (needs moto[server], s3fs)")
+    bench.add_argument("--frameworks", action="store_true",
+                       help="Lightning and Hugging Face Trainer runs: their own checkpointing "
+                       "against torchaux's drop-ins (needs torchaux[lightning,hf])")
     bench.add_argument("--size-mib", type=int, default=None,
                        help="training state size in MiB (default 256; --secure: 1024)")
     bench.add_argument("--steps", type=int, default=None,
