@@ -93,6 +93,31 @@ def publish(
 _FAIL = b"\x00torchaux-fail\x00"
 
 
+class _GuardedStore:
+    """The store, with every failure to reach it turned into a CheckpointError.
+
+    The store's server lives in one rank (usually rank 0); when that rank dies,
+    ``set``/``get`` raise ``DistNetworkError`` on the survivors.
+    """
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._store, name)
+
+        def guarded(*args: Any) -> Any:
+            try:
+                return method(*args)
+            except Exception as exc:  # noqa: BLE001 - re-raised as a CheckpointError
+                raise CheckpointError(
+                    f"distributed checkpoint: the store became unreachable ({exc}); the rank "
+                    "hosting it (usually rank 0) may have died; nothing was committed"
+                ) from exc
+
+        return guarded
+
+
 class StoreVote:
     """Gather, scatter and agree through a ``torch.distributed.Store`` with deadlines.
 
@@ -105,7 +130,8 @@ class StoreVote:
     def __init__(
         self, store: Any, prefix: str, rank: int, world: int, ranks: list[int], deadline: float
     ) -> None:
-        self.store = store
+        self._raw_store = store
+        self.store = _GuardedStore(store)
         self.prefix = prefix
         self.rank = rank
         self.world = world
@@ -128,7 +154,7 @@ class StoreVote:
 
     def _wait(self, keys: list[str], what: str, owners: list[int] | None = None) -> None:
         try:
-            self.store.wait(keys, timedelta(seconds=self._remaining()))
+            self._raw_store.wait(keys, timedelta(seconds=self._remaining()))
         except Exception as exc:  # noqa: BLE001 - re-raised as a CheckpointError below
             if "timeout" not in str(exc).lower() and "timed out" not in str(exc).lower():
                 raise CheckpointError(
@@ -145,7 +171,7 @@ class StoreVote:
 
     def _check(self, key: str) -> bool:
         try:
-            return bool(self.store.check([key]))
+            return bool(self._raw_store.check([key]))
         except Exception:  # noqa: BLE001 - an unreachable store means "no answer"
             return False
 
