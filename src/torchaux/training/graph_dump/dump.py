@@ -27,12 +27,15 @@ How each kind of graph keeps the dump:
   key on the marking, so a changed registration needs a new name (research
   notes B.2).
 * Values: when the operator runs, the value is copied to host memory on the
-  calling thread (:func:`torchaux.checkpoint.api.save_async` staging), so
-  in-place updates made after the dump never reach the file.  Inductor calls
-  the operator before any later kernel that reuses the buffer.
-* Writing: files are written by a background :class:`AsyncSaver` of this
-  module, atomically and in torch.save format whatever the suffix;
-  :func:`torchaux.wait_saves` waits for them and re-raises a failed write.
+  calling thread (a CPU tensor is cloned; a device tensor goes through
+  :func:`torchaux.checkpoint.api.save_async` staging), so in-place updates
+  made after the dump never reach the file.  Inductor calls the operator
+  before any later kernel that reuses the buffer.
+* Writing: a CPU dump's copy is queued (:mod:`.writer`); a drain thread hands
+  it to a background :class:`AsyncSaver` of this module, which writes it
+  atomically and in torch.save format whatever the suffix, so the caller pays
+  one copy, not the pickling and staging.  :func:`torchaux.wait_saves` waits
+  for the queue and the writes and re-raises a failed write.
 * CUDA graph capture (``torch.cuda.graph`` or ``mode="reduce-overhead"``): see
   :mod:`torchaux.training.graph_dump.cuda`; every replay writes a new file.
 
@@ -71,8 +74,8 @@ from dataclasses import dataclass
 import torch
 
 from torchaux.checkpoint.api import save_async
-from torchaux.checkpoint.engine.saver import AsyncSaver
 from torchaux.training.graph_dump import cuda as graph_dump_cuda
+from torchaux.training.graph_dump.writer import QUEUE_DEPTH, _DumpSaver
 
 __all__ = ["save_graph_tensor", "save_npugraph_tensor"]
 
@@ -86,7 +89,7 @@ _SUFFIXES = (".pt", ".bin")
 # Dumps whose host copies may wait for the writer before a new dump blocks.
 # Generous, so a burst of dumps (one per layer, or per replay) costs the hot
 # path only its copies; each pending dump holds one host copy of its tensor.
-_MAX_PENDING_DUMPS = 64
+_MAX_PENDING_DUMPS = QUEUE_DEPTH
 
 
 def _check_path(save_path: object) -> str | None:
@@ -187,24 +190,6 @@ def _next_path(target: _Target) -> str:
     return os.path.join(target.directory, name + target.suffix)
 
 
-class _DumpSaver(AsyncSaver):
-    """The writer of every dump.
-
-    :func:`torchaux.wait_saves` and :meth:`wait` wait on every saver's pending
-    saves, then collect its failures; here waiting first lets queued CUDA graph
-    replays run their dump callbacks (whose writes would otherwise not be
-    pending yet), and a failed callback counts as a failure.
-    """
-
-    def _wait_pending(self, timeout: float | None) -> None:
-        graph_dump_cuda.synchronize_recorded_devices()
-        super()._wait_pending(timeout)
-
-    def _pop_unobserved(self) -> BaseException | None:
-        failure = super()._pop_unobserved()
-        return failure if failure is not None else graph_dump_cuda.pop_failure()
-
-
 _saver: _DumpSaver | None = None
 _saver_lock = threading.Lock()
 
@@ -217,8 +202,12 @@ def _dump_saver() -> _DumpSaver:
         return _saver
 
 
-def _write(target: _Target, tensor: torch.Tensor) -> None:
-    """Name the file, create its directory and hand a host copy to the writer."""
+def _write(target: _Target, tensor: torch.Tensor, *, fresh: bool = False) -> None:
+    """Name the file, create its directory and hand a host copy to the writer.
+
+    ``fresh``: ``tensor`` is already a copy nobody else holds (a snapshot or :func:`_compact`);
+    otherwise (a CUDA graph replay's reused host buffer) a CPU tensor is copied here.
+    """
     path = _next_path(target)
     try:
         os.makedirs(target.directory, exist_ok=True)
@@ -227,11 +216,20 @@ def _write(target: _Target, tensor: torch.Tensor) -> None:
             f"save_graph_tensor cannot create directory {target.directory!r}: a file is in "
             "the way; choose another save_path"
         ) from exc
-    save_async(tensor, path, saver=_dump_saver())
+    if tensor.device.type == "cpu":
+        # The caller pays one copy (the snapshot); pickling, staging and the
+        # write run on the dump queue's thread (training/graph_dump/writer.py).
+        saver = _dump_saver()
+        saver.enqueue(tensor if fresh else saver.snapshot(tensor), path)
+    else:  # device tensors: save_async's staging copies them on a side stream
+        save_async(tensor, path, saver=_dump_saver())
 
 
 def _compact(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` without autograd history, lazy conj/neg bits or unrelated storage."""
+    """A device ``tensor`` without autograd history, lazy conj/neg bits or unrelated storage.
+
+    (CPU dumps are copied by the dump queue's :meth:`~.writer._DumpSaver.snapshot` instead.)
+    """
     tensor = tensor.detach().resolve_conj().resolve_neg()
     own_bytes = tensor.numel() * tensor.element_size()
     if (
@@ -255,8 +253,11 @@ def _kernel(tensor: torch.Tensor, *, save_path: str | None = None) -> None:
         # replay's callback may fail before it would create one.
         _dump_saver()
         graph_dump_cuda.record_dump(tensor, functools.partial(_write, target))
+    elif tensor.device.type == "cpu":
+        _write(target, _dump_saver().snapshot(tensor.detach().resolve_conj().resolve_neg()),
+               fresh=True)
     else:
-        _write(target, _compact(tensor))
+        _write(target, _compact(tensor), fresh=True)
 
 
 def _fake(tensor: torch.Tensor, *, save_path: str | None = None) -> None:
@@ -347,7 +348,23 @@ def save_graph_tensor(
     """
     path = _check_path(save_path)
     _check_tensor(tensor)
-    _OP(tensor, save_path=path)
+    if _plain_eager(tensor):
+        # Nothing traces this call: run the kernel directly.  The operator's
+        # dispatch would cost the caller microseconds per dump and, on the first
+        # call, the import of torch._dynamo (about 1.2 s here, the review's g5).
+        _kernel(tensor, save_path=path)
+    else:
+        _OP(tensor, save_path=path)
+
+
+def _plain_eager(tensor: torch.Tensor) -> bool:
+    """True when no compiler, tracer, mode or tensor subclass could want to see the operator."""
+    return (
+        type(tensor) in (torch.Tensor, torch.nn.Parameter)
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and torch._C._len_torch_function_stack() == 0
+    )
 
 
 #: The torch_npu name, for code written against ``torch_npu.save_npugraph_tensor``.
