@@ -88,7 +88,7 @@ def _read_plain(
         head = f.read(16)
         f.seek(0)
         if not head:
-            raise ValueError(f"checkpoint file {path!r} is empty; it holds no checkpoint")
+            raise IntegrityError(f"checkpoint file {path!r} is empty; it holds no checkpoint")
         if detect_format(head) != "encrypted":
             if dec_key is not None:
                 raise DecryptionError(
