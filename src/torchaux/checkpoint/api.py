@@ -149,9 +149,10 @@ def save_async(
 
     What ``model=`` fences (each fence copies what is still missing on the
     calling thread, so it never costs more than eager staging): the forward
-    of ``model`` or any submodule (its own parameters and buffers; a
-    compiled module, ``torch.compile(m)`` or ``m.compile()``, its whole
-    subtree); gradient accumulation into ``model``'s parameters (so code
+    of ``model`` or any submodule (what that forward can change: its own
+    buffers, and its weight for ``nn.Embedding``/``nn.EmbeddingBag`` with
+    ``max_norm``; these are copied first; a compiled module,
+    ``torch.compile(m)`` or ``m.compile()``, the same for its whole subtree); gradient accumulation into ``model``'s parameters (so code
     after a backward sees every copy done); ``model.load_state_dict``; every
     ``torch.optim`` optimizer step.  A save from inside an optimizer step
     (a step pre-hook) is staged eagerly.  What the version check catches:

@@ -7,11 +7,15 @@ each one copies what is still missing itself (:meth:`Snapshot.fence_upto`),
 so it costs at most what eager staging would have cost at the call:
 
 * the forward of ``model`` or of any of its submodules, called from anywhere:
-  the copies of that module's own parameters and buffers (forward mutates
-  BatchNorm statistics, ``nn.Embedding(max_norm=...)`` renormalises its
-  weight); a compiled call (``torch.compile(m)``, ``m.compile()``) runs no
-  hooks inside its graph, so it waits for the copies of the module's whole
-  subtree before entering it;
+  the copies of what that forward can change — the module's own buffers
+  (BatchNorm statistics), and its parameters only where forward changes them
+  (``nn.Embedding``/``nn.EmbeddingBag`` with ``max_norm`` renormalise their
+  weight: :func:`_forward_mutable`); those tensors are copied first, so the
+  rest of the copies still overlap the forward (fencing every parameter in
+  forward made the training thread do most copies itself: the ``model=``
+  stall went from 0.009 s to 0.025 s in ``torchaux bench``).  A compiled call
+  (``torch.compile(m)``, ``m.compile()``) runs no hooks inside its graph, so
+  it waits for those copies of the module's whole subtree before entering it;
 * gradient accumulation into any parameter of ``model`` (a post-accumulate-grad
   hook), so a backward - also of a loss computed before the save - finishes
   only once every copy is done: hand-written updates after it are safe;
@@ -66,6 +70,7 @@ class _Armed:
     snapshot: Snapshot
     module_ids: list[int]
     handles: list[RemovableHandle] = field(default_factory=list)
+    root_id: int = -1  # id() of the unwrapped model (its load_state_dict is fenced)
 
 
 _entries: dict[int, list[_Entry]] = {}  # id(module) -> one entry per armed snapshot
@@ -124,8 +129,9 @@ def _fence_all(snapshot: Snapshot, *args: Any) -> None:
 
 
 def _before_load(module: torch.nn.Module, *args: Any) -> None:
-    for e in _entries.get(id(module), ()):
-        e.snapshot.fence_all()
+    for armed in list(_armed.values()):
+        if armed.root_id == id(module):
+            armed.snapshot.fence_all()
 
 
 def _optimizer_pre(optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -154,16 +160,38 @@ def inside_optimizer_step() -> bool:
     return False
 
 
-def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-    """``model``'s parameters and buffers in module order (the order forward reaches them).
+def _mutates_parameters(module: torch.nn.Module) -> bool:
+    # The built-in modules whose forward writes their own parameters in place
+    # (torch/nn/functional.py: embedding and embedding_bag call
+    # torch.embedding_renorm_ on the weight when max_norm is set).  Any other
+    # in-place write is caught by the version check.
+    return isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and (
+        module.max_norm is not None
+    )
 
-    >>> [tuple(t.shape) for t in model_tensors(torch.nn.Linear(2, 3))]
-    [(3, 2), (3,)]
+
+def _forward_mutable(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors of ``module`` itself that its forward may change in place."""
+    own = [b for b in module._buffers.values() if b is not None]
+    if _mutates_parameters(module):
+        own += [p for p in module._parameters.values() if p is not None]
+    return own
+
+
+def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """``model``'s tensors in copy order: what forward may change first, then the parameters.
+
+    Both groups in module order (the order forward reaches them).
+
+    >>> bn = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    >>> [tuple(t.shape) for t in model_tensors(bn)][:3]  # BatchNorm's buffers come first
+    [(3,), (3,), ()]
     """
-    out = []
-    for m in _unwrap(model).modules():
-        out.extend(t for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
-    return out
+    modules = list(_unwrap(model).modules())
+    first = [t for m in modules for t in _forward_mutable(m)]
+    seen = {id(t) for t in first}
+    rest = [p for m in modules for p in m._parameters.values() if p is not None and id(p) not in seen]
+    return first + rest
 
 
 _Need = tuple[int, bool]  # (deferred copies, device copies) to wait for
@@ -172,8 +200,7 @@ _Need = tuple[int, bool]  # (deferred copies, device copies) to wait for
 def _needs(root: torch.nn.Module, snapshot: Snapshot) -> dict[int, tuple[torch.nn.Module, _Need, _Need]]:
     local = {}
     for m in root.modules():
-        own = [t for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
-        local[id(m)] = (m, snapshot.needs(own))
+        local[id(m)] = (m, snapshot.needs(_forward_mutable(m)))
     tree: dict[int, tuple[int, bool]] = {}
     stack: list[tuple[torch.nn.Module, bool]] = [(root, False)]
     while stack:  # post-order without recursion (deep models)
@@ -198,7 +225,7 @@ def arm(model: torch.nn.Module, snapshot: Snapshot) -> None:
         if not _global:
             _global.append(register_module_forward_pre_hook(_forward_pre))
             _global.append(register_optimizer_step_pre_hook(_optimizer_pre))
-        armed = _Armed(snapshot, [])
+        armed = _Armed(snapshot, [], root_id=id(root))
         _armed[id(snapshot)] = armed
         for i, (m, local, tree) in needs.items():
             if not (tree[0] or tree[1]):
@@ -209,6 +236,10 @@ def arm(model: torch.nn.Module, snapshot: Snapshot) -> None:
             if original is not None and not isinstance(original, _FencedCompiledCall):
                 _compiled[i] = (weakref.ref(m), original)
                 m.__dict__["_compiled_call_impl"] = _FencedCompiledCall(m, original)
+        # Every copy before load_state_dict writes (also for a root whose
+        # forward changes nothing and so has no module entry).  A module-level
+        # function, not a partial holding the snapshot: torch.save(model) while
+        # armed pickles the model's hooks.
         armed.handles.append(root.register_load_state_dict_pre_hook(_before_load))
         hook = functools.partial(_fence_all, snapshot)
         for p in root.parameters():
