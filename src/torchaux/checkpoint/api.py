@@ -275,6 +275,8 @@ def save_async(
                 snapshot.release(saver.pool)
             if reserved:
                 saver.cancel_reservation()
+        elif handle is None:  # interrupted in submit, perhaps before it took the slot
+            saver.release_unsubmitted()
         raise
     return handle
 

@@ -200,27 +200,56 @@ class AsyncSaver:
             raise RuntimeError("cancel_reservation() without a reserve() on this thread")
         self._give_back(held.pop())
 
+    def release_unsubmitted(self) -> None:
+        """After an interrupted :meth:`submit`: give back this thread's slot if submit never took it."""
+        held = self._held()
+        if held:
+            self._give_back(held.pop())
+
     def _give_back(self, reservation: _Reservation) -> None:
-        if reservation.pool is not None:
-            reservation.pool.clear()
-        if reservation.slot:
+        # Idempotent: an interrupted submit and the writer never both release a slot.
+        pool, reservation.pool = reservation.pool, None
+        if pool is not None:
+            pool.clear()
+        slot, reservation.slot = reservation.slot, False
+        if slot:
             self._slots.release()
 
     def submit(
         self, snapshot: Snapshot, write: Callable[[Snapshot], str | None], target: str | None
     ) -> SaveHandle:
-        """Queue ``write(snapshot)`` on the writer thread; returns its handle."""
+        """Queue ``write(snapshot)`` on the writer thread; returns its handle.
+
+        Safe against ``KeyboardInterrupt`` on any line: until the job is
+        queued, an interrupt gives the reserved slot back (a lost slot would
+        make the next save wait forever: engine review ``o_kbint.py``).
+        """
         held = self._held()
-        reservation = held.pop() if held else _Reservation(False, None)
-        handle = SaveHandle(target, self._jobs)
-        job = _Job(snapshot, write, handle, reservation)
-        self._pending[handle] = job
-        if not self._start_writer():
-            # No thread can be started (interpreter shutdown, cpython#113964): write here.
-            self._execute(job)
+        reservation: _Reservation | None = None
+        handle: SaveHandle | None = None
+        queued = False
+        try:
+            reservation = held.pop() if held else _Reservation(False, None)
+            handle = SaveHandle(target, self._jobs)
+            job = _Job(snapshot, write, handle, reservation)
+            self._pending[handle] = job
+            if not self._start_writer():
+                # No thread can be started (interpreter shutdown, cpython#113964): write here.
+                queued = True  # the job owns the reservation from here on
+                self._execute(job)
+                return handle
+            # One line: a line-level interrupt lands before the put or after the flag.
+            self._jobs.put(job); queued = True  # noqa: E702
             return handle
-        self._jobs.put(job)
-        return handle
+        except BaseException:
+            if not queued:
+                if handle is not None:
+                    self._pending.pop(handle, None)
+                if reservation is None and held:
+                    reservation = held.pop()  # interrupted before taking it
+                if reservation is not None:
+                    self._give_back(reservation)
+            raise
 
     def _start_writer(self) -> bool:
         if self._thread is not None and self._thread.is_alive():
