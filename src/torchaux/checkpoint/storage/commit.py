@@ -30,7 +30,7 @@ from typing import BinaryIO
 from torchaux import _knobs
 from torchaux.checkpoint.storage.direct_io import DirectFile, enable_direct_io
 
-__all__ = ["atomic_write", "temp_path_for", "remove_stale_temps", "TEMP_MARKER"]
+__all__ = ["atomic_write", "fsync_directory", "temp_path_for", "remove_stale_temps", "TEMP_MARKER"]
 
 #: Substring that marks our temp files; never appears in a committed name.
 TEMP_MARKER = ".torchaux-tmp-"
@@ -61,7 +61,11 @@ def _open_writer(fd: int) -> Iterator[BinaryIO | DirectFile]:
         os.close(fd)
 
 
-def _fsync_directory(directory: str) -> None:
+def fsync_directory(directory: str) -> None:
+    """Make the renames, creations and unlinks inside ``directory`` durable (no-op on Windows).
+
+    >>> fsync_directory(doctest_tmp)
+    """
     # Directories cannot be opened for fsync on Windows; the rename there is
     # made durable by the file system journal instead.
     if os.name == "nt":
@@ -136,7 +140,7 @@ def atomic_write(
             os.unlink(tmp)
         raise
     if do_fsync:
-        _fsync_directory(os.path.dirname(target))
+        fsync_directory(os.path.dirname(target))
 
 
 def _temp_pid(name: str) -> int | None:

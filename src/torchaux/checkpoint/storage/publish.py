@@ -32,6 +32,7 @@ import shutil
 from collections.abc import Collection, Iterable
 
 from torchaux import _knobs
+from torchaux.checkpoint.storage import commit
 
 __all__ = [
     "STAGING_PREFIX",
@@ -48,17 +49,12 @@ _GENERATION = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 
 
 def fsync_directory(directory: str) -> None:
-    """Make renames and unlinks inside ``directory`` durable (no-op on Windows).
+    """Make renames and unlinks inside ``directory`` durable, unless ``TORCHAUX_FSYNC=0``.
 
     >>> fsync_directory(doctest_tmp)
     """
-    if os.name == "nt" or not _knobs.fsync_enabled():
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if _knobs.fsync_enabled():
+        commit.fsync_directory(directory)
 
 
 def make_staging_dir(checkpoint_dir: str, generation: str) -> str:

@@ -22,7 +22,7 @@ import os
 import secrets
 
 from torchaux import _knobs
-from torchaux.checkpoint.storage.commit import TEMP_MARKER
+from torchaux.checkpoint.storage.commit import TEMP_MARKER, fsync_directory
 from torchaux.checkpoint.storage.directory import remove_tree
 
 __all__ = ["make_temp_dir", "retire_directory", "remove_stale_temp_dirs"]
@@ -47,16 +47,6 @@ def make_temp_dir(final: str) -> str:
     return tmp
 
 
-def _fsync_dir(path: str) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync there
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def retire_directory(path: str) -> None:
     """Delete the published folder ``path``: renamed away first (atomic), then removed.
 
@@ -69,7 +59,7 @@ def retire_directory(path: str) -> None:
     aside = _temp_name(path, "del-")
     os.rename(path, aside)  # from here on no reader can take it for a checkpoint
     if _knobs.fsync_enabled():
-        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        fsync_directory(os.path.dirname(os.path.abspath(path)))
     remove_tree(aside)
 
 
