@@ -202,8 +202,7 @@ class AsyncSaver:
 
     def release_unsubmitted(self) -> None:
         """After an interrupted :meth:`submit`: give back this thread's slot if submit never took it."""
-        held = self._held()
-        if held:
+        if held := self._held():
             self._give_back(held.pop())
 
     def _give_back(self, reservation: _Reservation) -> None:
@@ -220,14 +219,10 @@ class AsyncSaver:
     ) -> SaveHandle:
         """Queue ``write(snapshot)`` on the writer thread; returns its handle.
 
-        Safe against ``KeyboardInterrupt`` on any line: until the job is
-        queued, an interrupt gives the reserved slot back (a lost slot would
-        make the next save wait forever: engine review ``o_kbint.py``).
+        An interrupt before the job is queued gives the slot back (a lost slot
+        would block the next save forever: engine review ``o_kbint.py``).
         """
-        held = self._held()
-        reservation: _Reservation | None = None
-        handle: SaveHandle | None = None
-        queued = False
+        held, reservation, handle, queued = self._held(), None, None, False
         try:
             reservation = held.pop() if held else _Reservation(False, None)
             handle = SaveHandle(target, self._jobs)
@@ -238,13 +233,11 @@ class AsyncSaver:
                 queued = True  # the job owns the reservation from here on
                 self._execute(job)
                 return handle
-            # One line: a line-level interrupt lands before the put or after the flag.
-            self._jobs.put(job); queued = True  # noqa: E702
+            self._jobs.put(job); queued = True  # noqa: E702 - one line: no interrupt between
             return handle
         except BaseException:
             if not queued:
-                if handle is not None:
-                    self._pending.pop(handle, None)
+                self._pending.pop(handle, None)  # type: ignore[arg-type]
                 if reservation is None and held:
                     reservation = held.pop()  # interrupted before taking it
                 if reservation is not None:
