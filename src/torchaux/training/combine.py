@@ -19,7 +19,7 @@ How it works, and how it differs from torch_npu (facts from Ascend/pytorch
   buffer and co-owns the buffer, so nothing can dangle: torch_npu swaps in a
   non-owning pointer, and freeing the combined tensor first leaves the inputs
   pointing at freed memory.  The storage comes from a DLPack round trip
-  (:func:`_own_storage`); devices without DLPack share the whole buffer's
+  (:func:`torchaux.training.aliasing.own_storage`); devices without DLPack share the whole buffer's
   storage instead, and :func:`get_storage_size` still reports each span.
 * Only the tensors passed in move.  Other aliases of an old storage (a
   ``.detach()`` or ``.data`` taken *before* combining, views of it) keep the old
@@ -48,6 +48,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+
+from torchaux.training.aliasing import own_storage
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
@@ -244,7 +246,7 @@ def combine_tensors(
                 source = torch.empty(0, dtype=torch.uint8, device=device).set_(old)
                 dst = raw[start * esize : (start + size) * esize]
                 dst.copy_(source[first * esize : (first + size) * esize])
-            spans[start, size] = _own_storage(raw, start * esize, size * esize)
+            spans[start, size] = own_storage(raw, start * esize, size * esize)
         # set_ bumps the version counter shared with views autograd saved (linear
         # saves weight.t()); the values are unchanged, so restore it (not when
         # they become zeros) and a backward pending across the combine still works.
@@ -263,21 +265,6 @@ def combine_tensors(
                 tuple(t for t, *_ in targets), versions
             )
     return combined
-
-
-def _own_storage(raw: torch.Tensor, begin: int, nbytes: int) -> torch.UntypedStorage | None:
-    """A storage of exactly ``nbytes`` aliasing ``raw[begin:]``, keeping ``raw`` alive.
-
-    PyTorch has no public storage view; ``torch.from_dlpack`` makes a storage of
-    the capsule's size whose deleter holds the source tensor (``at::fromDLPack``,
-    aten/src/ATen/DLConvertor.cpp).  None without DLPack (meta, some plugins).
-    """
-    if nbytes == 0:  # an empty capsule has no address; stay inside the buffer instead
-        return None
-    try:
-        return torch.from_dlpack(raw[begin : begin + nbytes]).untyped_storage()
-    except (BufferError, RuntimeError, TypeError, ValueError):
-        return None
 
 
 #: torch_npu's name for :func:`combine_tensors` (``torch_npu.utils.npu_combine_tensors``).
@@ -345,7 +332,7 @@ def get_part_combined_tensor(
     esize = combined_tensor.element_size()
     begin = combined_tensor.storage_offset() + index
     raw = torch.empty(0, dtype=torch.uint8, device=combined_tensor.device).set_(storage)
-    own = _own_storage(raw, begin * esize, size * esize)
+    own = own_storage(raw, begin * esize, size * esize)
     if own is None:
         part.set_(storage, begin, (size,))
         _SPANS[part] = ((storage.data_ptr(), storage.nbytes()), part.storage_offset(), size)

@@ -21,15 +21,20 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import queue
 import threading
 import time
 import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torchaux import _knobs
+from torchaux.checkpoint.engine.handle import serving
 from torchaux.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from torchaux.checkpoint.engine.saver import AsyncSaver
 
 __all__ = ["register", "savers", "orphan", "wait_saves"]
 
@@ -155,3 +160,41 @@ if hasattr(threading, "_register_atexit"):
 atexit.register(_flush_at_exit)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def writer_loop(
+    ref: weakref.ReferenceType[AsyncSaver], jobs: queue.SimpleQueue[Any], cores: Any
+) -> None:
+    """The writer thread of one saver: run its jobs, trim its pool when idle, end on ``None``.
+
+    Holds the saver only while a job runs, so a dropped saver can be collected
+    (with this thread, which then ends).
+    """
+    serving.jobs = jobs
+    if cores is not None:
+        from torchaux.training.affinity import set_thread_affinity
+
+        try:
+            set_thread_affinity(cores)
+        except (ValueError, OSError) as exc:
+            # Pinning is an optimisation: an unpinned writer still saves
+            # correctly, so report the problem and keep serving saves.
+            _log.warning("torchaux: could not pin the writer thread (%s); running unpinned", exc)
+    trimmed = True
+    while True:
+        idle = _knobs.pool_idle_trim_s()
+        try:
+            job = jobs.get() if trimmed or idle <= 0 else jobs.get(timeout=idle)
+        except queue.Empty:
+            saver = ref()
+            trimmed = saver is None or saver._pool.trim(blocking=False)
+            del saver
+            continue
+        if job is None:
+            return
+        saver = ref()
+        if saver is None:
+            return
+        saver._execute(job)
+        trimmed = False
+        del saver, job

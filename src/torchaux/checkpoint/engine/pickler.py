@@ -10,14 +10,14 @@ import collections
 import io
 import pickle
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.serialization import location_tag, normalize_storage_type
 
-__all__ = ["TensorLocation", "pickle_storages", "index_tensors"]
+__all__ = ["TensorLocation", "pickle_storages", "index_tensors", "copy_order"]
 
 
 @dataclass(frozen=True)
@@ -133,3 +133,20 @@ def index_tensors(
             key, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset()
         )
     return out
+
+
+def copy_order(
+    storages: dict[str, torch.UntypedStorage], priority: Iterable[torch.Tensor]
+) -> tuple[list[str], dict[str, None]]:
+    """Record keys in copy order: ``priority``'s storages first, in its order, then the rest.
+
+    (A model's tensors come first, in the order forward reaches them.)  Also
+    returns the set of prioritised keys.
+    """
+    key_of = {s._cdata: k for k, s in storages.items()}
+    first: dict[str, None] = {}
+    for t in priority:
+        key = key_of.get(t.untyped_storage()._cdata)
+        if key is not None:
+            first.setdefault(key, None)
+    return [*first, *(k for k in storages if k not in first)], first

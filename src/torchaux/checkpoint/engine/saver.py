@@ -36,6 +36,7 @@ from torchaux import _knobs
 from torchaux.checkpoint.engine import lifecycle
 from torchaux.checkpoint.engine.lifecycle import wait_saves
 from torchaux.checkpoint.engine.handle import SaveHandle, deadlock_error, serving
+from torchaux.checkpoint.engine.lifecycle import writer_loop
 from torchaux.checkpoint.engine.pool import HostBufferPool
 from torchaux.checkpoint.engine.staging import Snapshot
 from torchaux.checkpoint.storage.commit import atomic_write
@@ -251,7 +252,7 @@ class AsyncSaver:
             if self._thread is not None and self._thread.is_alive():
                 return True
             thread = threading.Thread(
-                target=_writer_loop, args=(weakref.ref(self), self._jobs, self._writer_cores),
+                target=writer_loop, args=(weakref.ref(self), self._jobs, self._writer_cores),
                 name=self._name, daemon=True,
             )
             try:
@@ -352,40 +353,6 @@ class AsyncSaver:
 
     def _exit_cleanup(self, deadline: float) -> None:
         """Release what outlives the threads at exit (a process saver stops its child)."""
-
-
-def _writer_loop(
-    ref: weakref.ReferenceType[AsyncSaver], jobs: queue.SimpleQueue[_Job | None], cores: Any
-) -> None:
-    # Holds the saver only while a job runs, so a dropped saver can be collected.
-    serving.jobs = jobs
-    if cores is not None:
-        from torchaux.training.affinity import set_thread_affinity
-
-        try:
-            set_thread_affinity(cores)
-        except (ValueError, OSError) as exc:
-            # Pinning is an optimisation: an unpinned writer still saves
-            # correctly, so report the problem and keep serving saves.
-            _log.warning("torchaux: could not pin the writer thread (%s); running unpinned", exc)
-    trimmed = True
-    while True:
-        idle = _knobs.pool_idle_trim_s()
-        try:
-            job = jobs.get() if trimmed or idle <= 0 else jobs.get(timeout=idle)
-        except queue.Empty:
-            saver = ref()
-            trimmed = saver is None or saver._pool.trim(blocking=False)
-            del saver
-            continue
-        if job is None:
-            return
-        saver = ref()
-        if saver is None:
-            return
-        saver._execute(job)
-        trimmed = False
-        del saver, job
 
 
 _default: AsyncSaver | None = None

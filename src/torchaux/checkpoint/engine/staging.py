@@ -30,6 +30,7 @@ import torch
 from torchaux import _knobs
 from torchaux.checkpoint.engine import versions
 from torchaux.checkpoint.engine.pickler import TensorLocation, index_tensors, pickle_storages
+from torchaux.checkpoint.engine.pickler import copy_order as _copy_order
 from torchaux.checkpoint.engine.pool import HostBufferPool
 
 __all__ = ["HostBufferPool", "Snapshot", "TensorLocation", "stage", "fence_blocked_seconds"]
@@ -296,20 +297,6 @@ def _enqueue_device_copies(records: list[_Record]) -> list[_DeviceCopy]:
                 copy.buffers_done = copy.all_done
         copies.append(copy)
     return copies
-
-
-def _copy_order(
-    storages: dict[str, torch.UntypedStorage], priority: Iterable[torch.Tensor]
-) -> tuple[list[str], dict[str, None]]:
-    # Storages of `priority` first, in its order (a model's tensors in module
-    # order: the order forward reaches them), then the rest in key order.
-    key_of = {s._cdata: k for k, s in storages.items()}
-    first: dict[str, None] = {}
-    for t in priority:
-        key = key_of.get(t.untyped_storage()._cdata)
-        if key is not None:
-            first.setdefault(key, None)
-    return [*first, *(k for k in storages if k not in first)], first
 
 
 def stage(
