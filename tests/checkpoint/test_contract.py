@@ -212,6 +212,33 @@ def test_file_object_target(save: Save) -> None:
     assert_identical(load(buf.getvalue()), obj)
 
 
+def test_socket_stream_target(save: Save) -> None:
+    """A socket's makefile('wb') (no seek, no tell) receives the same loadable archive as torch.save sends.
+
+    The engine-review reproducer's case 6 reported EOFError here; the fault was in its reader
+    thread (bytearray.extend of bytes chunks raises TypeError, so nothing was received), and
+    torch.save fails the same way under it. This test reads correctly and fails if either
+    writer sends fewer bytes or an archive that does not load.
+    """
+    import socket
+    import threading
+
+    obj = {"w": torch.arange(5.0), "big": torch.randn(64, 1024)}
+    sender, receiver = socket.socketpair()
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.extend(iter(lambda: receiver.recv(65536), b"")))
+    reader.start()
+    stream = sender.makefile("wb")
+    assert not stream.seekable()
+    save(obj, stream)
+    stream.close()
+    sender.close()
+    reader.join(timeout=60)
+    receiver.close()
+    assert not reader.is_alive()
+    assert_identical(load(b"".join(received)), obj)
+
+
 @functools.cache
 def byte_objects() -> dict[str, Any]:
     torch.manual_seed(0)

@@ -160,13 +160,20 @@ def _add_checkpoint_commands(sub: Any) -> None:
 def _bench(args: argparse.Namespace) -> int:
     if args.manager:
         return _bench_manager(args)
+    if args.load or args.distributed:
+        import importlib
+
+        suite = importlib.import_module(
+            "torchaux.cli.bench.suites." + ("load" if args.load else "distributed")
+        )
+        return int(suite.main(args))
     from torchaux.cli.bench.run import BenchConfig, run_bench
     from torchaux.cli.bench.report import format_table, write_json, write_plot
 
     from torchaux.cli.bench.secure import SECURE_DEFAULT_METHODS
 
     if args.frameworks:
-        from torchaux.cli.bench.frameworks import format_frameworks, run_frameworks
+        from torchaux.cli.bench.suites.frameworks import format_frameworks, run_frameworks
 
         print(format_frameworks(run_frameworks(
             size_mib=args.size_mib or 16, steps=args.steps or 10, every=args.every or 5,
@@ -207,7 +214,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _bench_manager(args: argparse.Namespace) -> int:
     import json
 
-    from torchaux.cli.bench.manager import format_manager_report, run_manager_bench
+    from torchaux.cli.bench.suites.manager import format_manager_report, run_manager_bench
 
     log = (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)) if args.verbose else (
         lambda _m: None
@@ -241,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--frameworks", action="store_true",
                        help="Lightning and Hugging Face Trainer runs: their own checkpointing "
                        "against torchaux's drop-ins (needs torchaux[lightning,hf])")
+    bench.add_argument("--load", action="store_true",
+                       help="load throughput and peak RSS of every format torchaux writes against "
+                            "torch.load and safetensors, page cache cold and warm")
+    bench.add_argument("--distributed", action="store_true",
+                       help="sharded saves on real gloo ranks (FSDP2): torchaux.distributed "
+                            "against dcp.save / dcp.async_save, stall, overhead, load, RSS")
     bench.add_argument("--size-mib", type=int, default=None,
                        help="training state size in MiB (default 256; --secure: 1024)")
     bench.add_argument("--steps", type=int, default=None,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import zlib
 from typing import IO, Any
 
+from torchaux.checkpoint.crc32 import crc32
 from torchaux.errors import UnsupportedFormatError
 
 __all__ = ["ALGORITHMS", "default_algorithm", "checksum", "HashingWriter"]
@@ -73,7 +74,7 @@ def checksum(data: bytes | bytearray | memoryview, algorithm: str) -> int:
     """
     module = _require(algorithm)
     if module is None:
-        return zlib.crc32(data)
+        return crc32(data)
     return int(module.xxh3_64_intdigest(data))
 
 
@@ -106,7 +107,7 @@ class HashingWriter:
                 break
             rest = rest[written:]
         if self._module is None:
-            self._crc = zlib.crc32(view, self._crc)
+            self._crc = crc32(view, self._crc)
         else:
             self._hasher.update(view)
         self._offset += n

@@ -83,3 +83,38 @@ def test_bad_bound_is_refused() -> None:
     """cache_bytes must be a non-negative int."""
     with pytest.raises(ValueError, match="cache_bytes must be an int >= 0"):
         HostBufferPool(cache_bytes=-1)
+
+
+def test_acquire_many_matches_one_acquire_per_request() -> None:
+    """acquire_many hands out what the same acquire calls would: warm hits by size, new buffers for misses."""
+    pool = HostBufferPool(cache_bytes=16 * MiB)
+    warm = [pool.acquire(n, pinned=False) for n in (MiB, 10, 0)]
+    pool.release(warm)
+    got = pool.acquire_many([(10, False), (MiB, False), (7, False), (0, False)])
+    assert [b.nbytes() for b in got] == [10, MiB, 7, 0]
+    assert got[0] is warm[1] and got[1] is warm[0] and got[3] is warm[2]
+    assert all(got[2] is not b for b in warm)
+    assert pool.cached_bytes() == 0
+    pool.release(got)
+    assert pool.cached_bytes() == MiB + 17
+
+
+def test_acquire_many_failure_keeps_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An allocation failing midway returns every buffer already taken; the pool's accounting is unchanged."""
+    pool = HostBufferPool(cache_bytes=16 * MiB)
+    pool.release([pool.acquire(MiB, pinned=False)])
+    real = pool._allocate
+    calls = []
+
+    def failing(nbytes: int, pinned: bool) -> object:
+        calls.append(nbytes)
+        if len(calls) == 2:
+            raise MemoryError("injected")
+        return real(nbytes, pinned)
+
+    monkeypatch.setattr(pool, "_allocate", failing)
+    with pytest.raises(MemoryError, match="injected"):
+        pool.acquire_many([(MiB, False), (64, False), (128, False), (256, False)])
+    assert calls == [64, 128]
+    assert pool._in_use == 0
+    assert pool.cached_bytes() == MiB + 64  # the warm hit and the one new buffer came back

@@ -375,14 +375,14 @@ def test_repeated_saves_reuse_the_same_pool_buffers(
     obj = {"a": torch.randn(1000), "b": torch.randn(10, 10), "c": torch.arange(7)}
     nbytes = sum(t.untyped_storage().nbytes() for t in obj.values())
     acquired: list[torch.UntypedStorage] = []
-    original = saver.pool.acquire
+    original = saver.pool.acquire_many
 
-    def recording_acquire(n: int, *, pinned: bool) -> torch.UntypedStorage:
-        buf = original(n, pinned=pinned)
-        acquired.append(buf)  # keeps it alive, so ids stay unique
-        return buf
+    def recording_acquire(requests: list[tuple[int, bool]]) -> list[torch.UntypedStorage]:
+        bufs = original(requests)
+        acquired.extend(bufs)  # keeps them alive, so ids stay unique
+        return bufs
 
-    monkeypatch.setattr(saver.pool, "acquire", recording_acquire)
+    monkeypatch.setattr(saver.pool, "acquire_many", recording_acquire)
     path = tmp_path / "ckpt.pt"
     for _ in range(20):
         for t in obj.values():

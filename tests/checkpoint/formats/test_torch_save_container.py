@@ -156,7 +156,16 @@ def test_zip64_layout_matches_torch_save(tmp_path: os.PathLike[str]) -> None:
     assert torch.equal(loaded["c"], torch.arange(5.0))
 
 
-def test_large_member_crc_from_the_concurrent_thread_is_right() -> None:
+@pytest.fixture
+def concurrent_crc(monkeypatch: pytest.MonkeyPatch) -> int:
+    """The zlib fallback's concurrent-CRC threshold (with zlib-ng the CRC runs in line)."""
+    from torchaux.checkpoint.formats.torch_save import container as torch_zip
+
+    monkeypatch.setattr(torch_zip, "_CONCURRENT_CRC_BYTES", 8 << 20)
+    return 8 << 20
+
+
+def test_large_member_crc_from_the_concurrent_thread_is_right(concurrent_crc: int) -> None:
     """A member above the concurrent-CRC threshold gets zlib's CRC of its bytes; zipfile agrees."""
     from torchaux.checkpoint.formats.torch_save import container as torch_zip
 
@@ -171,7 +180,7 @@ def test_large_member_crc_from_the_concurrent_thread_is_right() -> None:
     assert zipfile.ZipFile(io.BytesIO(out.getvalue())).testzip() is None
 
 
-def test_failed_write_joins_the_crc_thread_before_raising() -> None:
+def test_failed_write_joins_the_crc_thread_before_raising(concurrent_crc: int) -> None:
     """A write error mid-member leaves no CRC thread reading the buffer afterwards."""
     import threading
 
@@ -189,7 +198,8 @@ def test_failed_write_joins_the_crc_thread_before_raising() -> None:
     assert not [t for t in threading.enumerate() if t.name == "torchaux-crc32"]
 
 
-def test_short_writes_of_a_raw_file_are_completed() -> None:
+@pytest.mark.parametrize("threaded", [False, True])
+def test_short_writes_of_a_raw_file_are_completed(threaded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """A raw stream that takes at most 1000 bytes per call still receives every byte."""
     from torchaux.checkpoint.formats.torch_save import container as torch_zip
 
@@ -197,7 +207,9 @@ def test_short_writes_of_a_raw_file_are_completed() -> None:
         def write(self, data: object) -> int:
             return super().write(memoryview(data).cast("B")[:1000])  # type: ignore[arg-type]
 
-    data = os.urandom(torch_zip._CONCURRENT_CRC_BYTES + 5000)
+    if threaded:
+        monkeypatch.setattr(torch_zip, "_CONCURRENT_CRC_BYTES", 8 << 20)
+    data = os.urandom((8 << 20) + 5000)
     out = Trickle()
     w = TorchZipWriter(out)
     w.write_record("big", memoryview(data))

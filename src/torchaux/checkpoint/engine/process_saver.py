@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -59,8 +59,8 @@ class SharedHostBufferPool(HostBufferPool):
     def _key(self, buf: torch.UntypedStorage) -> tuple[int, bool]:
         return (buf.nbytes(), False)  # pinning does not apply to segments
 
-    def acquire(self, nbytes: int, *, pinned: bool) -> torch.UntypedStorage:
-        return super().acquire(nbytes, pinned=False)
+    def acquire_many(self, requests: Sequence[tuple[int, bool]]) -> list[torch.UntypedStorage]:
+        return super().acquire_many([(nbytes, False) for nbytes, _ in requests])
 
     def _allocate(self, nbytes: int, pinned: bool) -> torch.UntypedStorage:
         if nbytes == 0:

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from torchaux.checkpoint.engine.staging import Snapshot, TensorLocation, _Record
+from torchaux.checkpoint.engine.staging import Snapshot, TensorLocation
+from torchaux.checkpoint.engine.staging.copies import Record
 
 __all__ = ["Job", "main"]
 
@@ -55,7 +56,7 @@ def _open(job: Job) -> tuple[Snapshot, list[mmap.mmap]]:
                 os.close(fd)
             maps.append(mm)
             storage = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes).untyped_storage()
-        records.append(_Record(key, None, storage, False))
+        records.append(Record(key, None, storage, False))
     snap = Snapshot(job.pickled, records, tensor_index=job.tensor_index)
     snap._buffers_ready.set()
     snap._all_ready.set()

@@ -17,16 +17,18 @@ load with MindSpore's ``crc_check=True``.  The strict reader is in
 
 from __future__ import annotations
 
+import zlib
+
 import ctypes
 import json
 import struct
 import sys
-import zlib
 from collections.abc import Mapping
 from typing import IO
 
 import torch
 
+from torchaux.checkpoint.crc32 import crc32
 from torchaux.checkpoint.formats.safetensors.reader import (
     MAX_HEADER_BYTES,
     METADATA_KEY,
@@ -252,8 +254,8 @@ def safetensors_crc(tensors: Mapping[str, torch.Tensor]) -> int:
     """
     crc = 0
     for name in sorted(tensors):
-        crc = zlib.crc32(name.encode("utf-8"), crc)
-        crc = zlib.crc32(raw_bytes(tensors[name]), crc)
+        crc = crc32(name.encode("utf-8"), crc)
+        crc = crc32(raw_bytes(tensors[name]), crc)
     return crc
 
 

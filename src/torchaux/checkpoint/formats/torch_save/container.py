@@ -3,8 +3,9 @@
 Why our own writer: torch's writer computes each record's CRC-32 with miniz's
 table-driven routine (~0.6 GB/s on the reference machine), which was about two
 thirds of the background writer's CPU time and competed with training for the
-cores.  ``zlib.crc32`` runs at ~4 GB/s there and releases the GIL, and records
-are written straight from the staged buffers (no intermediate copy).
+cores.  :func:`~torchaux.checkpoint.crc32.crc32` (zlib-ng's SIMD CRC-32) runs at
+~32 GB/s there and releases the GIL, and records are written straight from the
+staged buffers (no intermediate copy).
 
 The layout reproduces what torch 2.13's ``PyTorchStreamWriter`` (miniz 3,
 ``MZ_ZIP_FLAG_WRITE_ZIP64``) emits, observed byte by byte and pinned by
@@ -42,6 +43,9 @@ from typing import IO
 
 import torch
 
+from torchaux.checkpoint.crc32 import BACKEND as crc32_backend
+from torchaux.checkpoint.crc32 import crc32
+
 __all__ = ["TorchZipWriter", "storage_view"]
 
 _U32_MAX = 0xFFFFFFFF
@@ -63,13 +67,15 @@ _EOCD64_NEEDED = 0x002D
 _CHUNK = 16 << 20
 
 
-# Members from this size on get their CRC computed on a second thread (a thread
-# start costs ~0.1 ms; 8 MiB of CRC-32 takes ~2 ms at zlib's ~4 GB/s).
-_CONCURRENT_CRC_BYTES = 8 << 20
+# Members from this size on get their CRC computed on a second thread, but only
+# with zlib's CRC (~4-6 GB/s: 8 MiB takes ~2 ms against a thread start's ~0.1 ms).
+# At zlib-ng's ~32 GB/s the CRC adds ~3% to a 1 GB/s write in line, and a second
+# thread would only take a core from training.
+_CONCURRENT_CRC_BYTES = 8 << 20 if crc32_backend == "zlib" else 1 << 62
 
 
 class _ConcurrentCrc:
-    """``zlib.crc32(view)`` on its own thread (zlib releases the GIL); :meth:`result` joins."""
+    """``crc32(view)`` on its own thread (the CRC releases the GIL); :meth:`result` joins."""
 
     def __init__(self, view: memoryview) -> None:
         self._view = view
@@ -80,7 +86,7 @@ class _ConcurrentCrc:
 
     def _run(self) -> None:
         try:
-            self._value = zlib.crc32(self._view)
+            self._value = crc32(self._view)
         except BaseException as exc:  # noqa: BLE001 - re-raised by result() on the writer
             self._error = exc
 
@@ -205,7 +211,7 @@ class TorchZipWriter:
             for i in range(0, size if concurrent is None else 0, _CHUNK):
                 chunk = view[i : i + _CHUNK]
                 if self._crc:
-                    crc = zlib.crc32(chunk, crc)
+                    crc = crc32(chunk, crc)
                 self._write(chunk)
         finally:
             if concurrent is not None:  # never leave a thread reading a buffer we give back
@@ -297,7 +303,7 @@ class TorchZipWriter:
         names = 0
         crcs = 0
         for m in self._members:
-            names = _hash_combine(names, zlib.crc32(m.name))
+            names = _hash_combine(names, crc32(m.name))
             if m.size:
                 # torch folds only non-empty records (PyTorchStreamWriter::writeRecord
                 # returns early for size 0, before combine_uncomp_crc32_).

@@ -28,6 +28,7 @@ import zlib
 from collections.abc import Iterable
 from typing import IO
 
+from torchaux.checkpoint.crc32 import crc32
 from torchaux.errors import IntegrityError
 
 __all__ = ["CRC_MEMBER", "content_crc", "verify_zip_crc", "has_content_crc", "check_members"]
@@ -64,7 +65,7 @@ def content_crc(members: Iterable[tuple[str, int, int]]) -> int:
     """
     crc = 0
     for name, member_crc, size in members:
-        crc = zlib.crc32(name.encode("utf-8") + b"\0" + struct.pack("<IQ", member_crc, size), crc)
+        crc = crc32(name.encode("utf-8") + b"\0" + struct.pack("<IQ", member_crc, size), crc)
     return crc
 
 

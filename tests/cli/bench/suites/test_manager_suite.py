@@ -1,4 +1,4 @@
-"""``torchaux bench --manager`` (cli/bench/manager.py) runs end to end on a tiny state."""
+"""``torchaux bench --manager`` (cli/bench/suites/manager.py) runs end to end on a tiny state."""
 
 from __future__ import annotations
 

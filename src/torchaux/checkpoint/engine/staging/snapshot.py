@@ -1,4 +1,4 @@
-"""The consistent snapshot: the only module that reads live tensors.
+"""The consistent snapshot: with :mod:`.copies`, the only code that reads live tensors.
 
 :func:`stage` runs on the caller's thread.  It pickles ``obj`` exactly as
 ``torch.save`` would (same ``persistent_id`` records, so storage sharing,
@@ -18,9 +18,9 @@ checked against its version counter at the call (:mod:`.versions`).
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +32,13 @@ from torchaux.checkpoint.engine import versions
 from torchaux.checkpoint.engine.pickler import TensorLocation, index_tensors, pickle_storages
 from torchaux.checkpoint.engine.pickler import copy_order as _copy_order
 from torchaux.checkpoint.engine.pool import HostBufferPool
+from torchaux.checkpoint.engine.staging.copies import (
+    DeviceCopy,
+    Record,
+    copy_host,
+    device_module,
+    enqueue_device_copies,
+)
 
 __all__ = ["HostBufferPool", "Snapshot", "TensorLocation", "stage", "fence_blocked_seconds"]
 
@@ -44,30 +51,6 @@ def fence_blocked_seconds() -> float:
     """Total seconds any thread has waited in a ``model=`` fence so far."""
     return _fence_blocked[0]
 
-
-@dataclass
-class _Record:
-    key: str
-    source: torch.UntypedStorage | None  # live storage; dropped once copied
-    staged: torch.UntypedStorage
-    is_buffer: bool = False  # copied early (the model's tensors, in forward order)
-    tracked: list[versions.TrackedTensor] | None = None  # version counters at the call
-    nbytes: int | None = None  # set when ``staged`` is a placeholder (skip_data)
-
-
-@dataclass
-class _DeviceCopy:
-    """Copies of one accelerator device, with the event that fences them."""
-
-    device: torch.device
-    buffers_done: Any = None  # device event after the early group
-    all_done: Any = None  # device event after every copy
-
-
-def _as_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
-    # A uint8 view over the whole storage: copying bytes keeps every dtype
-    # (bf16, fp8, complex, bool, quantised payloads) bit-exact.
-    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
 @dataclass
@@ -88,8 +71,8 @@ class Snapshot:
     """
 
     pickled: bytes
-    _records: list[_Record]
-    _devices: list[_DeviceCopy] = field(default_factory=list)
+    _records: list[Record]
+    _devices: list[DeviceCopy] = field(default_factory=list)
     _buffers_ready: threading.Event = field(default_factory=threading.Event)
     #: set once staging is over (done or failed): every fence is a no-op from then on
     _all_ready: threading.Event = field(default_factory=threading.Event)
@@ -154,7 +137,7 @@ class Snapshot:
                 if self._error is None:
                     try:
                         assert r.source is not None
-                        _as_bytes(r.staged).copy_(_as_bytes(r.source))
+                        copy_host(r.staged, r.source)
                         if r.tracked:
                             self._error = versions.changed(r.tracked, r.key, self._obj)
                     except Exception as exc:  # noqa: BLE001 - raised by finish_staging, on the handle
@@ -222,7 +205,7 @@ class Snapshot:
             with self._copy_lock:
                 self._check_devices()
             for dev in self._devices:
-                _device_module(dev.device).current_stream(dev.device).wait_event(dev.all_done)
+                device_module(dev.device).current_stream(dev.device).wait_event(dev.all_done)
 
     def fence_forward(self) -> None:
         """Order the next forward after the copies of the early (model) group."""
@@ -244,59 +227,6 @@ class Snapshot:
         self._by_key = None
 
 
-def _device_module(device: torch.device) -> Any:
-    return torch.get_device_module(device.type)
-
-
-_side_streams: dict[torch.device, Any] = {}
-_side_streams_lock = threading.Lock()
-
-
-def _side_stream(device: torch.device) -> Any:
-    # One long-lived copy stream per device (creating streams per save leaks
-    # handles on some backends); created under a lock so two first saves
-    # cannot race into two streams (a torch_npu flaw, spec §1 "Limits" 4).
-    with _side_streams_lock:
-        stream = _side_streams.get(device)
-        if stream is None:
-            stream = _device_module(device).Stream(device)
-            _side_streams[device] = stream
-        return stream
-
-
-def _enqueue_device_copies(records: list[_Record]) -> list[_DeviceCopy]:
-    by_device: dict[torch.device, list[_Record]] = defaultdict(list)
-    for r in records:
-        if r.source is not None and r.source.device.type != "cpu":
-            by_device[r.source.device].append(r)
-    copies = []
-    for device, recs in by_device.items():
-        module = _device_module(device)
-        ordered = sorted(recs, key=lambda r: not r.is_buffer)
-        if not hasattr(module, "Stream"):
-            # Backends without a stream API (e.g. MPS): blocking copies.
-            for r in ordered:
-                assert r.source is not None
-                _as_bytes(r.staged).copy_(_as_bytes(r.source))
-                r.source = None
-            module.synchronize()
-            continue
-        side = _side_stream(device)
-        # The copies must see every kernel the caller already queued (e.g. the
-        # optimizer step just before the save): torch_npu omits this wait.
-        side.wait_stream(module.current_stream(device))
-        copy = _DeviceCopy(device)
-        with module.stream(side):
-            for r in ordered:
-                if not r.is_buffer and copy.buffers_done is None:
-                    copy.buffers_done = side.record_event()
-                assert r.source is not None
-                _as_bytes(r.staged).copy_(_as_bytes(r.source), non_blocking=True)
-            copy.all_done = side.record_event()
-            if copy.buffers_done is None:
-                copy.buffers_done = copy.all_done
-        copies.append(copy)
-    return copies
 
 
 def stage(
@@ -342,13 +272,35 @@ def stage(
         >>> torch.frombuffer(bytearray(bytes(buf)), dtype=torch.float32).tolist()
         [0.0, 1.0, 2.0, 3.0]
     """
+    # The cyclic GC stays off while staging: pickling allocates millions of
+    # short-lived tuples, and each threshold crossing made the collector walk
+    # the caller's whole heap (10^5 small tensors: 1.0 s of 3.2 s, k_many.py).
+    # Nothing staging allocates is cyclic garbage.  Re-enabled only if it was on.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _stage(obj, pool, pickle_module, pickle_protocol, defer_cpu_copies, model_buffers, index)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _stage(
+    obj: object,
+    pool: HostBufferPool,
+    pickle_module: Any,
+    pickle_protocol: int,
+    defer_cpu_copies: bool,
+    model_buffers: Iterable[torch.Tensor],
+    index: Mapping[str, torch.Tensor] | None,
+) -> Snapshot:
     skip = bool(torch.serialization._serialization_tls.skip_data)
     tensors: list[torch.Tensor] | None = [] if defer_cpu_copies and not skip else None
     pickled, storages = pickle_storages(obj, pickle_module, pickle_protocol, tensors)
     tensor_index = index_tensors(index or {}, storages)
     if skip:
         records = [
-            _Record(k, None, torch.UntypedStorage(0), nbytes=s.nbytes()) for k, s in storages.items()
+            Record(k, None, torch.UntypedStorage(0), nbytes=s.nbytes()) for k, s in storages.items()
         ]
         snapshot = Snapshot(pickled, records, tensor_index=tensor_index, skip_data=True)
         snapshot._all_ready.set()
@@ -359,15 +311,16 @@ def stage(
         versions.track(tensors, {s._cdata: k for k, s in storages.items()})
         if tensors is not None else {}
     )
-    records: list[_Record] = []
+    records: list[Record] = []
+    buffers = pool.acquire_many([(s.nbytes(), pin and s.device.type != "cpu") for s in storages.values()])
     try:
-        for key, s in storages.items():
-            pinned = pin and s.device.type != "cpu"
-            buf = pool.acquire(s.nbytes(), pinned=pinned)
-            records.append(_Record(key, s, buf, key in early, tracked.get(key)))
+        records = [
+            Record(key, s, buf, key in early, tracked.get(key))
+            for (key, s), buf in zip(storages.items(), buffers)
+        ]
         by_key = {r.key: i for i, r in enumerate(records)}
         copy_order = [by_key[k] for k in order]
-        devices = _enqueue_device_copies(records)
+        devices = enqueue_device_copies(records)
         snapshot = Snapshot(
             pickled, records, devices, _deferred=defer_cpu_copies, tensor_index=tensor_index
         )
@@ -384,11 +337,11 @@ def stage(
         else:
             for r in records:
                 if r.source is not None and r.source.device.type == "cpu":
-                    _as_bytes(r.staged).copy_(_as_bytes(r.source))
+                    copy_host(r.staged, r.source)
                     r.source = None
             for dev in devices:
-                _device_module(dev.device).current_stream(dev.device).wait_event(dev.all_done)
+                device_module(dev.device).current_stream(dev.device).wait_event(dev.all_done)
     except BaseException:
-        pool.release(r.staged for r in records)
+        pool.release(buffers)
         raise
     return snapshot
