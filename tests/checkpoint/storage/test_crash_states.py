@@ -10,13 +10,12 @@ negative control: the explorer must find torn states there.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from fsrecord import Recorder, explore
+from fsrecord import Recorder, Tree, explore
 
 import torchaux
 from torchaux import _knobs
@@ -52,7 +51,7 @@ def _state(step: int) -> dict:
 
 
 def _record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, which: str,
-            *, old: bool, direct: bool, fsync: bool = True) -> tuple[dict, list, bytes, str]:
+            *, old: bool, direct: bool, fsync: bool = True) -> tuple[Tree, list, bytes, str]:
     d = tmp_path / "ckpt"
     d.mkdir()
     name, save = PATHS[which]
@@ -60,18 +59,20 @@ def _record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, which: str,
     with _knobs.override(**_SMALL, direct_io=int(direct)):
         if old:
             save(_state(1), path)
-        before = {n: (d / n).read_bytes() for n in os.listdir(d)}
         rec = Recorder(str(d))
         with _knobs.override(fsync=int(fsync)), rec.active(monkeypatch):
             save(_state(2), path)
-    return before, rec.ops, (d / name).read_bytes(), name
+    rec.verify()
+    return rec.initial, rec.ops, (d / name).read_bytes(), name
 
 
-def _torn(before: dict, ops: list, new: bytes, name: str) -> tuple[int, list]:
+def _torn(before: Tree, ops: list, new: bytes, name: str, order: str = "ordered"
+          ) -> tuple[int, list]:
     """(states explored, states where ``name`` is neither old nor new)."""
-    allowed = {new, before.get(name)}
+    old = [s for p, s in explore(before, [])][0]
+    allowed = {new, old.get(name)}
     n, bad = 0, []
-    for point, state in explore(before, ops):
+    for point, state in explore(before, ops, order=order):
         n += 1
         extra = [k for k in state if k != name and TEMP_MARKER not in k]
         if state.get(name) not in allowed or extra:
@@ -90,9 +91,10 @@ def test_every_crash_state_holds_old_or_new(
     kinds = [op[0] for op in ops]
     assert kinds.count("write") >= 3, kinds  # the bar: at least a 3-write save, explored fully
     assert "fsync" in kinds and "rename" in kinds and kinds[-1] == "fsync_dir", kinds
-    n, bad = _torn(before, ops, new, name)
-    assert n > len(ops)  # more states than crash points: partial and lost writes are built
-    assert bad == []
+    for order in ("ordered", "any"):
+        n, bad = _torn(before, ops, new, name, order)
+        assert n > len(ops)  # more states than crash points: partial and lost writes are built
+        assert bad == [], order
 
 
 @pytest.mark.parametrize("which", ["save_async", "save_checkpoint AES-GCM ckpt"])
