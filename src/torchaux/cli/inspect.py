@@ -312,7 +312,17 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    """The ``inspect`` subcommand: print the report; exit status 0."""
+    """The ``inspect`` subcommand: print the report; exit status 0.
+
+    A directory is a distributed checkpoint (:mod:`torchaux.cli.sharded`):
+    its report comes from the metadata, so no key is needed (or used).
+    """
+    if os.path.isdir(args.file):
+        from torchaux.cli.sharded import format_dir_report, inspect_dir
+
+        report = inspect_dir(args.file)
+        print(json.dumps(report, indent=2) if args.json else format_dir_report(report))
+        return 0
     key = load_key(args.dec_key_file, DEC_KEY_ENV)
     report = inspect_file(args.file, key, progress=args.progress)
     if args.json:

@@ -119,8 +119,18 @@ def verify_file(
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    """The ``verify`` subcommand: one ``OK`` line on stdout and exit 0, or raise."""
+    """The ``verify`` subcommand: one ``OK`` line on stdout and exit 0, or raise.
+
+    A directory is a distributed checkpoint (:mod:`torchaux.cli.sharded.check`).
+    """
     key = load_key(args.dec_key_file, DEC_KEY_ENV)
+    if os.path.isdir(args.file):
+        from torchaux.cli.sharded import summary_line, verify_dir
+
+        summary = verify_dir(args.file, key, require_crc=args.require_crc, progress=args.progress)
+        if not args.quiet:
+            print(summary_line(summary))
+        return 0
     s = verify_file(args.file, key, require_crc=args.require_crc, progress=args.progress)
     crc = _CRC_TEXT[s["format"], s["crc"]]
     if not args.quiet:
