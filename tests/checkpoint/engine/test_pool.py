@@ -118,3 +118,38 @@ def test_acquire_many_failure_keeps_nothing(monkeypatch: pytest.MonkeyPatch) -> 
     assert calls == [64, 128]
     assert pool._in_use == 0
     assert pool.cached_bytes() == MiB + 64  # the warm hit and the one new buffer came back
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text.split("[", 1)[1].split("]", 1)[0]
+
+
+def _anon_huge_kib(address: int) -> int:
+    """AnonHugePages of the mapping holding ``address`` (/proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="needs transparent huge pages in 'madvise' mode")
+@pytest.mark.parametrize("enabled", [1, 0])
+def test_large_buffers_get_huge_pages(enabled: int) -> None:
+    """A 16 MiB buffer is backed by huge pages once filled; with TORCHAUX_HUGE_PAGES=0 it is not."""
+    import torch
+
+    pool = HostBufferPool()
+    with _knobs.override(huge_pages=enabled):
+        buf = pool.acquire(16 * MiB, pinned=False)
+    torch.empty(0, dtype=torch.uint8).set_(buf).fill_(1)  # the first touch, as staging's copy
+    huge = _anon_huge_kib(buf.data_ptr() + 8 * MiB)
+    assert (huge > 0) == bool(enabled), huge

@@ -61,3 +61,10 @@ def test_report_shows_ratios_and_probe(results: dict) -> None:
     assert "cores busy" in probe[1]
     assert [line.split()[0] for line in probe[2:]] == ["plain", "AES-GCM", "AES-CBC", "SM4-CBC"]
     assert probe[2].split()[4] == "x1.00"  # the plain row against itself
+
+
+def test_background_cpu_is_reported_per_gib(results: dict) -> None:
+    """torchaux methods report their background threads' CPU per GiB saved, and the table shows it."""
+    for r in results["methods"]:
+        assert r["background_cpu_s_per_gib"] is not None and r["background_cpu_s_per_gib"] > 0
+    assert "bg CPU/GiB" in format_table(results)

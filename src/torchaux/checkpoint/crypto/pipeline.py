@@ -17,6 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from torchaux.checkpoint.cpu_time import counting
+
 __all__ = ["OrderedPipeline", "default_workers", "check_workers", "THREAD_NAME_PREFIX"]
 
 #: Name prefix of the worker threads (visible in debuggers and py-spy dumps).
@@ -91,7 +93,7 @@ class OrderedPipeline:
             except Exception as exc:  # noqa: BLE001 - re-raised by pop(), in stream order
                 future.set_exception(exc)
         else:
-            future = self._executor.submit(fn, *args)
+            future = self._executor.submit(counting(fn), *args)
         self._jobs.append((future, context))
         return future
 

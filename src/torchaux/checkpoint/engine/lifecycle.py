@@ -30,6 +30,7 @@ from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import TYPE_CHECKING, Any
 
 from torchaux import _knobs
+from torchaux.checkpoint.cpu_time import counted
 from torchaux.checkpoint.engine.handle import serving
 from torchaux.errors import CheckpointError
 
@@ -195,6 +196,7 @@ def writer_loop(
         saver = ref()
         if saver is None:
             return
-        saver._execute(job)
+        with counted():
+            saver._execute(job)
         trimmed = False
         del saver, job

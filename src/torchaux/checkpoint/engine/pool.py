@@ -23,6 +23,7 @@ interrupted inside :meth:`~HostBufferPool.acquire`.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import queue
 import threading
@@ -36,10 +37,24 @@ from torchaux import _knobs
 __all__ = ["HostBufferPool"]
 
 _Key = tuple[int, bool]  # (nbytes, pinned)
+_log = logging.getLogger("torchaux")
 
 # Buffers from this size on get their own mapping (see _allocate); below it the
 # syscall would cost more than the 1 MiB copy it serves.
 _MMAP_BYTES = 1 << 20
+
+
+def _advise_huge_pages(memory: mmap.mmap) -> None:
+    """Ask for transparent huge pages before the first touch (the cheap first save, _knobs)."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
+    if advice is None or not _knobs.huge_pages_enabled():
+        return
+    try:
+        memory.madvise(advice)
+    except OSError as exc:
+        # EINVAL without THP support in the kernel: the buffer works with small
+        # pages, only its first fill is slower.
+        _log.debug("torchaux: MADV_HUGEPAGE refused (%s); staging with 4 KiB pages", exc)
 
 
 class HostBufferPool:
@@ -91,6 +106,7 @@ class HostBufferPool:
             # changing sizes fragment it and stay resident.
             private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}
             memory = mmap.mmap(-1, nbytes, **private)  # type: ignore[arg-type]
+            _advise_huge_pages(memory)
             return torch.frombuffer(memory, dtype=torch.uint8).untyped_storage()
         return torch.UntypedStorage(nbytes)
 

@@ -31,6 +31,8 @@ import queue
 import threading
 from types import TracebackType
 
+from torchaux.checkpoint.cpu_time import counted
+
 __all__ = ["ALIGNMENT", "DirectFile", "enable_direct_io"]
 
 #: Alignment of buffers, lengths and offsets.  Logical block sizes are 512 or
@@ -288,6 +290,10 @@ class DirectFile:
             self._fill = len(tail)
 
     def _run(self) -> None:
+        with counted():
+            self._drain()
+
+    def _drain(self) -> None:
         while (item := self._todo.get()) is not None:
             buf, n = item
             if self._error is None:  # after a failure, only recycle buffers

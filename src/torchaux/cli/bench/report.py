@@ -13,6 +13,8 @@ _COLUMNS = [
     ("stall", "stall_steady_s", "{:.3f}s"),
     ("x torch.save", "stall_vs_torch_save", "{:.3f}"),
     ("loop +/save", "loop_overhead_per_save_s", "{:+.3f}s"),
+    ("x torch.save", "loop_overhead_vs_torch_save", "{:.2f}"),
+    ("bg CPU/GiB", "background_cpu_s_per_gib", "{:.3f}s"),
     ("durable", "durable_steady_s", "{:.3f}s"),
     ("x save+fsync", "durable_vs_torch_save_fsync", "{:.2f}"),
     ("peak +RSS", "peak_extra_rss_mib", "{:.0f}MiB"),
@@ -48,6 +50,8 @@ def format_table(results: dict[str, Any]) -> str:
         "stall: training thread blocked per save (steady state = median after the first);\n"
         "loop +/save: extra loop wall time per save vs no-save loops run just before and after\n"
         "  in the same process (includes CPU contention);\n"
+        "bg CPU/GiB: CPU seconds of torchaux's background threads per GiB saved (writer,\n"
+        "  direct I/O, cipher pool; a process saver's child is not counted);\n"
         "durable: call -> bytes fsynced; consistent: files equal to the state at their step;\n"
         "exact@call: a save followed at once by optimizer.step() holds the pre-step state;\n"
         "peak +RSS: growth over the RSS after the first step, minus the no-save loop's growth."

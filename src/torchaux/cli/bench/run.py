@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from torchaux.checkpoint.cpu_time import background_cpu_seconds
 from torchaux.checkpoint.engine.staging import fence_blocked_seconds
 from torchaux.cli.bench.measure import RssSampler, fingerprint
 from torchaux.cli.bench.methods import METHODS, Method
@@ -173,6 +174,7 @@ def run_one(cfg: BenchConfig, name: str | None, root: str,
         _train(dataclasses.replace(cfg, steps=2, every=2), device, None)
         paired.append(_train(cfg, device, None)[0])
     fences_before = fence_blocked_seconds()
+    cpu_before = background_cpu_seconds()
     with RssSampler() as rss:
         loop_s, model, optimizer = _train(
             cfg, device, on_save if method else None, after_first_step=rss.rebase
@@ -188,6 +190,8 @@ def run_one(cfg: BenchConfig, name: str | None, root: str,
     if method is None:
         return result
     fence_s = fence_blocked_seconds() - fences_before
+    background_cpu_s = background_cpu_seconds() - cpu_before
+    state_gib = sum(p.nbytes for p in model.parameters()) * 3 / (1 << 30)
     paired.append(_train(cfg, device, None)[0])
     exact_at_call = _probe_immediate_step(cfg, method, model, optimizer)
     method.close()
@@ -205,6 +209,10 @@ def run_one(cfg: BenchConfig, name: str | None, root: str,
         "stall_steady_s": statistics.median(stalls[1:]) if saves > 1 else stalls[0],
         "stall_mean_s": statistics.fmean(stalls),
         "fence_wait_s": fence_s,
+        # torchaux's background threads only (cpu_time.py); 0 for other methods
+        "background_cpu_s_per_gib": (
+            background_cpu_s / (saves * state_gib) if background_cpu_s > 0 else None
+        ),
         "durable_steady_s": statistics.median(durable[1:]) if len(durable) > 1 else durable[0],
         "durable_mean_s": statistics.fmean(durable),
         "consistent_files": sum(consistent),
@@ -274,6 +282,10 @@ def _add_ratios(results: list[dict[str, Any]]) -> None:
     for r in results:
         if base is not None:
             r["stall_vs_torch_save"] = r["stall_steady_s"] / base["stall_steady_s"]
+            r["loop_overhead_vs_torch_save"] = (
+                r["loop_overhead_per_save_s"] / base["loop_overhead_per_save_s"]
+                if base["loop_overhead_per_save_s"] > 0 else float("nan")
+            )
             r["durable_vs_torch_save_fsync"] = r["durable_steady_s"] / base["durable_steady_s"]
         if plain is not None and r["method"] in SECURE_METHODS:
             # Issue #3's bars compare secure saves with the plain async save.

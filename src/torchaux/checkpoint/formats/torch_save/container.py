@@ -43,6 +43,7 @@ from typing import IO
 
 import torch
 
+from torchaux.checkpoint.cpu_time import counted
 from torchaux.checkpoint.crc32 import BACKEND as crc32_backend
 from torchaux.checkpoint.crc32 import crc32
 
@@ -86,7 +87,8 @@ class _ConcurrentCrc:
 
     def _run(self) -> None:
         try:
-            self._value = crc32(self._view)
+            with counted():
+                self._value = crc32(self._view)
         except BaseException as exc:  # noqa: BLE001 - re-raised by result() on the writer
             self._error = exc
 
