@@ -209,3 +209,90 @@ def test_identity_is_shown_escaped(tmp_path: Path, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     assert "identity    run\\x1b/7 (authenticated" in out and "\x1b" not in out
     assert "format version 2" in out
+
+
+# -- distributed checkpoint directories (torchaux inspect DIR) ------------------------------
+
+import sharded_workers  # noqa: E402 - tests/cli helper: 2 spawned gloo ranks save once
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return sharded_workers.checkpoints(tmp_path_factory)
+
+
+@pytest.mark.multiprocess
+def test_dir_json_report_shows_ranks_shapes_and_shard_layout(
+    sharded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Global shapes equal the full tensors; each tensor's shards tile it, one per rank."""
+    r = _report(capsys, str(sharded / "plain"))
+    expected = torch.load(sharded / "expected.pt", weights_only=True)
+    assert (r["kind"], r["writer"], r["ranks"]) == ("distributed", "torchaux", [0, 1])
+    assert r["checksum"] == {"present": True, "algorithm": "xxh3-64"} and r["encryption"] is None
+    assert [(f["rank"], f["present"], f["size"] == f["expected_size"]) for f in r["files"]] == [
+        (0, True, True), (1, True, True)]
+    tensors = {t["name"]: t for t in r["tensors"]}
+    assert tensors["model.0.weight"]["shape"] == list(expected["model"]["0.weight"].shape)
+    rows = tensors["rows"]  # 9 rows over 2 ranks: uneven shards
+    assert (rows["shape"], rows["bytes"]) == ([9, 4], 9 * 4 * 4)
+    assert [(s["rank"], s["box"]) for s in rows["shards"]] == [
+        (0, [[0, 5], [0, 4]]), (1, [[5, 9], [0, 4]])]
+    assert [s["box"] for s in tensors["tp"]["shards"]] == [[[0, 5], [0, 9]], [[0, 5], [9, 17]]]
+    for t in r["tensors"]:  # the shards of every tensor tile its global shape
+        volume = sum(torch.Size(s["sizes"]).numel() for s in t["shards"])
+        assert volume == torch.Size(t["shape"]).numel(), t["name"]
+        assert all(s["checksum"] for s in t["shards"])
+    values = {v["name"]: v for v in r["values"]}
+    assert values["step"]["value"] == 3 and values["meta.name"]["value"] == "mlp"
+
+
+@pytest.mark.multiprocess
+def test_dir_text_report(sharded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(sharded / "plain")]) == 0
+    out = capsys.readouterr().out
+    assert "ranks       2 (0, 1), 2 data files" in out
+    assert "checksums   xxh3-64 per chunk" in out and "encryption  none" in out
+    assert "[0:5, 0:4]" in out and "[5:9, 0:4]" in out  # the shard boxes of "rows"
+
+
+@pytest.mark.multiprocess
+def test_encrypted_dir_shows_mode_and_envelope_without_key(
+    sharded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    r = _report(capsys, str(sharded / "encrypted"))
+    assert r["encryption"]["mode"] == "AES-GCM"
+    assert r["encryption"]["envelope"]["key_bits"] == 8 * len(sharded_workers.KEY)
+    assert all("value" not in v for v in r["values"])  # ciphertext is not shown
+    assert main(["inspect", str(sharded / "encrypted")]) == 0
+    assert "AES-GCM per chunk, 256-bit key" in capsys.readouterr().out
+
+
+@pytest.mark.multiprocess
+def test_stock_dcp_dir_has_no_checksums(sharded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    r = _report(capsys, str(sharded / "stock"))
+    assert (r["writer"], r["checksum"]["present"], r["ranks"]) == ("dcp", False, [0, 1])
+    plain = _report(capsys, str(sharded / "plain"))
+    assert [t["shape"] for t in r["tensors"]] == [t["shape"] for t in plain["tensors"]]
+
+
+@pytest.mark.multiprocess
+def test_dir_with_missing_rank_file_is_shown_missing(
+    sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    d = tmp_path / "ck"
+    shutil.copytree(sharded / "plain", d)
+    sharded_workers.data_files(d)[1].unlink()
+    r = _report(capsys, str(d))
+    assert [(f["rank"], f["present"]) for f in r["files"]] == [(0, True), (1, False)]
+
+
+def test_dir_without_metadata_is_one_line_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "__0_0.distcp").write_bytes(b"x")
+    assert main(["inspect", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("torchaux inspect: error: ") and "no committed" in err

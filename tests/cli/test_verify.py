@@ -202,3 +202,161 @@ def test_progress_bar_renders_when_forced(
     assert captured.out.startswith("OK ")
     assert "m.safetensors" in captured.err and "100%" in captured.err
     assert "B/s]" in captured.err
+
+
+# -- distributed checkpoint directories (torchaux verify DIR) -------------------------------
+
+import io  # noqa: E402
+import pickle  # noqa: E402
+import shutil  # noqa: E402
+import struct  # noqa: E402
+import zipfile  # noqa: E402
+
+import sharded_workers  # noqa: E402 - tests/cli helper: 2 spawned gloo ranks save once
+from torchaux.cli.sharded import read_index  # noqa: E402
+
+DIR_KEY = sharded_workers.KEY
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return sharded_workers.checkpoints(tmp_path_factory)
+
+
+def _copy(sharded: Path, tmp_path: Path, kind: str) -> Path:
+    d = tmp_path / kind
+    shutil.copytree(sharded / kind, d)
+    return d
+
+
+def _dir_verify(tmp_path: Path, d: Path, *extra: str, key: bytes | None = None) -> int:
+    with_key = ["--dec-key-file", _key_file(tmp_path, key)] if key else []
+    return main(["verify", str(d), *with_key, *extra])
+
+
+def _tensor_byte(d: Path, rank: int) -> tuple[Path, int, str]:
+    """A byte of tensor data in rank ``rank``'s file (inside a zip member: covered by its CRC)."""
+    ix = read_index(str(d))
+    f = next(f for f in ix.files.values() if f.rank == rank)
+    c = next(c for c in f.chunks if c.kind == "tensor" and c.fqn == "rows")
+    path = d / f.name
+    if c.encrypted:
+        return path, c.offset + c.length // 2, c.fqn
+    raw = path.read_bytes()[c.offset:c.offset + c.length]
+    info = next(i for i in zipfile.ZipFile(io.BytesIO(raw)).infolist() if i.filename.endswith("data/0"))
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    return path, c.offset + info.header_offset + 30 + name_len + extra_len + 5, c.fqn
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("kind", "key", "says"), [
+    ("plain", None, "xxh3-64 checksums of every chunk verified; not encrypted"),
+    ("stock", None, "no checksums recorded (stock DCP); not encrypted, zip CRCs"),
+    ("encrypted", DIR_KEY, "AES-GCM, every chunk decrypted and authenticated"),
+    ("encrypted", None, "chunks NOT decrypted (no key"),
+])
+def test_intact_dir_exits_0(
+    sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str,
+    key: bytes | None, says: str,
+) -> None:
+    """The negative control of the damage tests: copies of intact directories pass."""
+    d = _copy(sharded, tmp_path, kind)
+    assert _dir_verify(tmp_path, d, key=key) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"OK {d}: distributed, 2 ranks, 2 files") and says in out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize(("kind", "key", "says"), [
+    ("plain", None, "checksum mismatch"),
+    ("stock", None, "fails its CRC-32 check"),
+    ("encrypted", DIR_KEY, "checksum mismatch"),
+    ("encrypted", None, "checksum mismatch"),
+])
+def test_flipped_byte_in_any_rank_file_names_file_and_tensor(
+    sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str,
+    key: bytes | None, says: str, rank: int,
+) -> None:
+    d = _copy(sharded, tmp_path, kind)
+    path, offset, fqn = _tensor_byte(d, rank)
+    sharded_workers.flip_byte(path, offset)
+    assert _dir_verify(tmp_path, d, key=key) == 1
+    err = _one_line_failure(capsys)
+    assert path.name in err and repr(fqn) in err and says in err, err
+
+
+@pytest.mark.multiprocess
+def test_stock_dir_flip_passes_without_its_zip_crcs_negative_control(
+    sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stock-DCP flip above is found by the zip CRCs alone: without them it would pass."""
+    from torchaux.cli.sharded import check
+
+    d = _copy(sharded, tmp_path, "stock")
+    sharded_workers.flip_byte(*_tensor_byte(d, 1)[:2])
+    monkeypatch.setattr(check.integrity, "verify_zip_crc", lambda raw, label: False)
+    assert _dir_verify(tmp_path, d) == 0
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("kind", ["plain", "stock", "encrypted"])
+def test_missing_rank_file_exits_1(
+    sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    d = _copy(sharded, tmp_path, kind)
+    victim = sharded_workers.data_files(d)[1]
+    victim.unlink()
+    assert _dir_verify(tmp_path, d) == 1
+    err = _one_line_failure(capsys)
+    assert victim.name in err and "(rank 1)" in err and "missing" in err and "incomplete" in err
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("cut", "says"), [(-7, "is truncated"), (3, "appended to")])
+def test_truncated_or_grown_rank_file_exits_1(
+    sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], cut: int, says: str
+) -> None:
+    d = _copy(sharded, tmp_path, "plain")
+    victim = sharded_workers.data_files(d)[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:cut] if cut < 0 else data + bytes(cut))
+    assert _dir_verify(tmp_path, d) == 1
+    err = _one_line_failure(capsys)
+    assert victim.name in err and says in err
+
+
+@pytest.mark.multiprocess
+def test_missing_metadata_exits_1(sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = _copy(sharded, tmp_path, "plain")
+    (d / ".metadata").unlink()
+    assert _dir_verify(tmp_path, d) == 1
+    assert "no committed distributed checkpoint" in _one_line_failure(capsys)
+
+
+@pytest.mark.multiprocess
+def test_metadata_naming_a_file_outside_the_dir_exits_1(
+    sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import dataclasses
+
+    d = _copy(sharded, tmp_path, "stock")
+    meta = read_index(str(d)).metadata
+    key = next(iter(meta.storage_data))
+    meta.storage_data[key] = dataclasses.replace(meta.storage_data[key], relative_path="../x.distcp")
+    (d / ".metadata").write_bytes(pickle.dumps(meta))
+    assert _dir_verify(tmp_path, d) == 1
+    assert "not a plain file name" in _one_line_failure(capsys)
+
+
+@pytest.mark.multiprocess
+def test_dir_keys_and_require_crc(sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Wrong key and a key for plaintext fail (as for files); --require-crc fails stock DCP only."""
+    assert _dir_verify(tmp_path, sharded / "encrypted", key=bytes(32)) == 1
+    assert "wrong key" in _one_line_failure(capsys)
+    assert _dir_verify(tmp_path, sharded / "plain", key=DIR_KEY) == 1
+    assert "is not encrypted" in _one_line_failure(capsys)
+    assert _dir_verify(tmp_path, sharded / "stock", "--require-crc") == 1
+    assert "--require-crc" in _one_line_failure(capsys)
+    assert _dir_verify(tmp_path, sharded / "plain", "--require-crc", "-q") == 0
+    assert capsys.readouterr().out == ""
