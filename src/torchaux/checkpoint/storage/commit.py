@@ -166,7 +166,7 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temps(
     directory: str | os.PathLike[str], *, other_pids_only: bool = True, pid: int | None = None
 ) -> list[str]:
-    """Delete temp files that crashed saves left in ``directory``.
+    """Delete temp files (not folders) that crashed saves left in ``directory``.
 
     A temp file names the process writing it.  By default only temps of
     processes that no longer exist on this host are removed: this process's
@@ -210,6 +210,8 @@ def remove_stale_temps(
         elif other_pids_only and writer is not None and (writer == os.getpid() or _pid_alive(writer)):
             continue
         full = os.path.join(directory, name)
+        if os.path.isdir(full) and not os.path.islink(full):
+            continue  # a folder (staging, manager temp step): not a temp file; its owner cleans it
         with contextlib.suppress(FileNotFoundError):
             os.unlink(full)
             removed.append(full)

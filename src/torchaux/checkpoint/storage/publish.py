@@ -16,7 +16,8 @@ tests/checkpoint/storage/test_publish.py):
 3. the caller commits the index with :func:`.commit.atomic_write`
    (temp, fsync, ``os.replace``, directory fsync);
 4. :func:`remove_unreferenced` - delete data files the committed index does not
-   name and every staging folder except those still in use.
+   name, every staging folder except those still in use, and the temp files
+   of writers that no longer run (an index commit a crash cut short).
 
 A crash between any two steps leaves the previous index pointing at its own,
 untouched files; what the crash left behind is removed by step 4 of the next
@@ -76,10 +77,13 @@ def make_staging_dir(checkpoint_dir: str, generation: str) -> str:
 
 
 def publish_files(staging_dir: str, checkpoint_dir: str, names: Iterable[str]) -> None:
-    """Move ``names`` from ``staging_dir`` into ``checkpoint_dir``, then fsync it.
+    """Move ``names`` from ``staging_dir`` into ``checkpoint_dir``, then fsync it and its parent.
 
     The names must not exist in ``checkpoint_dir`` yet: a published file never
-    replaces one a committed index may point at.
+    replaces one a committed index may point at.  The parent is fsynced too
+    because the checkpoint directory itself may be new (a first save): without
+    it a power loss after the commit could drop the whole directory
+    (tests/distributed/test_crash_states.py found that state).
 
     Raises:
         FileExistsError: a target name is already taken.
@@ -96,6 +100,7 @@ def publish_files(staging_dir: str, checkpoint_dir: str, names: Iterable[str]) -
             )
         os.rename(os.path.join(staging_dir, name), target)
     fsync_directory(checkpoint_dir)
+    fsync_directory(os.path.dirname(os.path.abspath(checkpoint_dir)))
 
 
 def remove_unreferenced(
@@ -105,9 +110,11 @@ def remove_unreferenced(
     data_suffix: str,
     keep_staging: Collection[str] = (),
 ) -> list[str]:
-    """Delete data files not in ``keep`` and staging folders not in ``keep_staging``.
+    """Delete data files not in ``keep``, staging folders not in ``keep_staging``, stale temps.
 
-    Only names ending in ``data_suffix`` and staging folders are considered;
+    Only names ending in ``data_suffix``, staging folders and temp files of
+    processes that no longer exist (:func:`.commit.remove_stale_temps`: e.g.
+    the index's temp file when a crash cut its commit short) are considered;
     everything else in the directory (the index, user files) is left alone.
 
     Returns:
@@ -133,6 +140,7 @@ def remove_unreferenced(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(full)
                 removed.append(full)
+    removed += commit.remove_stale_temps(checkpoint_dir)
     if removed:
         fsync_directory(checkpoint_dir)
     return removed
