@@ -25,6 +25,7 @@ from typing import IO, Any
 import torch
 
 from torchaux import _knobs
+from torchaux.checkpoint import integrated
 from torchaux.checkpoint.engine import staging
 from torchaux.checkpoint.api import _check_target
 from torchaux.checkpoint.crypto.header import check_identity
@@ -233,9 +234,15 @@ def save_checkpoint(
             or a list of tensors, ``(name, tensor)`` pairs or ``{"name", "data"}``
             dicts.
         ckpt_file_name: the file to write (used as given; no extension added).
-        integrated_save: kept for MindSpore signature parity.  Without a
-            process group there is nothing to gather, so it has no effect;
-            the distributed meaning comes with distributed checkpoints.
+        integrated_save: what to do with DTensor entries (FSDP2, tensor
+            parallel; :mod:`torchaux.checkpoint.integrated`).  ``True``
+            (default, as MindSpore): every rank of their mesh calls; the full
+            tensors are gathered and the mesh's lowest rank writes one
+            ordinary file; the others write nothing and their handles resolve
+            once it is committed (or raise its error).  ``False``: every rank
+            writes its local shards to the file name it passes.  A state
+            without DTensors (so always without a process group) is saved as
+            given either way.
         async_save: ``False`` (return once durable), ``True``/``"thread"``
             (background thread), or ``"process"`` (background process).
         append_dict: extra ``str`` -> int/float/bool/str/tensor entries, saved
@@ -288,6 +295,41 @@ def save_checkpoint(
             "(a plaintext file has no authenticated header to hold it)"
         )
     named = collect_named(save_obj, choice_func, check_append_dict(append_dict))
+    checked = (file_mode, redundancy, saver, enc_aad)
+    args = (enc_key, enc_mode, crc_check, format, kwargs, checked)
+    if not integrated.has_dtensors(named):
+        return _save_named(named, ckpt_file_name, mode, *args)
+    if not integrated_save:
+        return _save_named(integrated.local_shards(named), ckpt_file_name, mode, *args)
+    full, coord = integrated.gather(named)  # a collective on every rank of the mesh
+    target = integrated.target_of(ckpt_file_name)
+    if full is None:
+        return coord.follow(target, wait=mode is None)
+    try:
+        # Waited below, after the outcome callback is in place.
+        handle = _save_named(full, ckpt_file_name, mode or "thread", *args)
+    except BaseException as exc:
+        coord.fail(exc, target)
+        raise
+    coord.announce(handle, target)
+    if mode is None:
+        handle.wait()
+    return handle
+
+
+def _save_named(
+    named: Mapping[str, Value],
+    ckpt_file_name: str | os.PathLike[str],
+    mode: str | None,
+    enc_key: bytes | None,
+    enc_mode: str,
+    crc_check: bool,
+    format: str,
+    kwargs: Mapping[str, Any],
+    checked: tuple[int, bool | None, AsyncSaver | None, bytes | None],
+) -> SaveHandle:
+    """Write ``named`` (validated entries) to ``ckpt_file_name``: the path of one file."""
+    file_mode, redundancy, saver, enc_aad = checked
     storage_options = kwargs.get("storage_options")
     if remote.is_url(ckpt_file_name) or storage_options is not None:
         if mode == "process":
