@@ -22,8 +22,10 @@ Operations name inodes (small integers), not paths, so renamed directories
 keep their contents: ``("create", parent, name, fid)``, ``("mkdir", parent,
 name, did)``, ``("write", fid, offset, bytes)``, ``("truncate", fid, length)``,
 ``("fsync", fid)``, ``("fsync_dir", did)``, ``("rename", src_parent, src_name,
-dst_parent, dst_name)``, ``("unlink", parent, name)``, ``("rmdir", parent,
-name)``.
+dst_parent, dst_name)``, ``("exchange", parent_a, name_a, parent_b, name_b)``
+(``renameat2(RENAME_EXCHANGE)``, which :mod:`torchaux.checkpoint.storage.directory`
+calls through ctypes: recorded by patching its ``_exchange``),
+``("unlink", parent, name)``, ``("rmdir", parent, name)``.
 
 Persistence model (POSIX guarantees; ALICE §3, "abstract persistence model"):
 
@@ -66,6 +68,7 @@ from typing import Any
 import pytest
 
 from torchaux.checkpoint.storage import commit as _commit
+from torchaux.checkpoint.storage import directory as _directory
 
 #: Block size of partial writes (ext4's default block size, and the page size).
 BLOCK = 4096
@@ -75,7 +78,7 @@ ROOT = 0
 
 Op = tuple[Any, ...]
 
-_DIR_OPS = ("create", "mkdir", "rename", "unlink", "rmdir")
+_DIR_OPS = ("create", "mkdir", "rename", "exchange", "unlink", "rmdir")
 
 
 @dataclass
@@ -272,6 +275,19 @@ class Recorder:
                 did = rec._new_id(os.lstat(path))
                 rec.ops.append(("mkdir", *rec._parent(path), did))
 
+        real_exchange = _directory._exchange
+
+        def _exchange(a: str, b: str) -> bool:
+            if not rec._inside(b):
+                return real_exchange(a, b)
+            with rec._lock:
+                rec._maybe_fail("rename")
+                first, second = rec._parent(a), rec._parent(b)
+                done = real_exchange(a, b)
+                if done:
+                    rec.ops.append(("exchange", *first, *second))
+            return done
+
         def _close(fd: int) -> None:
             real["close"](fd)
             with rec._lock:
@@ -287,6 +303,7 @@ class Recorder:
                          "mkdir": _mkdir, "close": _close}.items():
             monkeypatch.setattr(os, name, fn)
         monkeypatch.setattr(_commit, "io", _RecordedIO)
+        monkeypatch.setattr(_directory, "_exchange", _exchange)
         # rmtree's fd-based walk unlinks with dir_fd=, which the recording does not follow.
         fd_functions = shutil._use_fd_functions  # type: ignore[attr-defined]
         monkeypatch.setattr(shutil, "_use_fd_functions", False)
@@ -296,6 +313,7 @@ class Recorder:
             for name, fn in real.items():
                 monkeypatch.setattr(os, name, fn)
             monkeypatch.setattr(_commit, "io", io)
+            monkeypatch.setattr(_directory, "_exchange", real_exchange)
             monkeypatch.setattr(shutil, "_use_fd_functions", fd_functions)
 
     def verify(self) -> None:
@@ -343,11 +361,13 @@ class _RecordedIO:
 
 
 def _touches(op: Op) -> set[int]:
-    return {op[1], op[3]} if op[0] == "rename" else {op[1]}
+    return {op[1], op[3]} if op[0] in ("rename", "exchange") else {op[1]}
 
 
 def _entries(op: Op) -> set[tuple[int, str]]:
-    return {(op[1], op[2]), (op[3], op[4])} if op[0] == "rename" else {(op[1], op[2])}
+    if op[0] in ("rename", "exchange"):
+        return {(op[1], op[2]), (op[3], op[4])}
+    return {(op[1], op[2])}
 
 
 def _apply_tree(tree: Tree, op: Op) -> None:
@@ -362,6 +382,13 @@ def _apply_tree(tree: Tree, op: Op) -> None:
         source = tree.dirs.setdefault(op[1], {})
         if op[2] in source:  # its creation may not have persisted
             tree.dirs.setdefault(op[3], {})[op[4]] = source.pop(op[2])
+    elif kind == "exchange":  # one atomic swap of two entries
+        first, second = tree.dirs.setdefault(op[1], {}), tree.dirs.setdefault(op[3], {})
+        a, b = first.pop(op[2], None), second.pop(op[4], None)
+        if b is not None:
+            first[op[2]] = b
+        if a is not None:
+            second[op[4]] = a
     else:  # unlink, rmdir: an rmdir'd folder's pending contents become unreachable
         tree.dirs.setdefault(op[1], {}).pop(op[2], None)
 

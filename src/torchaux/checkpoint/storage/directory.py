@@ -13,18 +13,27 @@ beside the target and published with one ``rename``:
 3. :func:`remove_tree` deletes a published folder (retention) or a stale staging
    folder left by a killed run, deepest entries first, then fsyncs the parent.
 
-An existing folder of the final name (a step saved again) is first renamed
-aside to a hidden ``.<name>.torchaux-old-<token>`` and removed after the new one
-is in place; a crash between the two renames leaves that aside copy, which
-:func:`remove_stale` deletes.
+An existing folder of the final name (a step saved again) is swapped with the
+staging folder in one ``renameat2(RENAME_EXCHANGE)`` (Linux 3.15+; ext4, xfs,
+btrfs, tmpfs), so the final name always holds the complete old folder or the
+complete new one; the old folder, now under the staging name, is then
+removed.  Where the exchange is not supported (another OS, NFS) the old
+folder is first renamed aside to a hidden ``.<name>.torchaux-old-<token>``:
+a crash between the two renames then leaves no folder under the final name,
+only that aside copy, which :func:`remove_stale` deletes.  (The manager's
+crash-state explorer, tests/manager/test_manager_crash_states.py, found that state:
+a forced re-save could lose the newest step.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import secrets
 import shutil
+import sys
 
 from torchaux import _knobs
 
@@ -44,6 +53,32 @@ def _fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+#: ``renameat2`` flag and "current directory" fd (linux/fs.h, linux/fcntl.h).
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap the entries ``a`` and ``b``; False where the system cannot.
+
+    >>> a, b = os.path.join(doctest_tmp, "a"), os.path.join(doctest_tmp, "b")
+    >>> os.mkdir(a); open(b, "wb").close()
+    >>> _exchange(a, b) in (True, False), os.path.isdir(a) != os.path.isdir(b)
+    (True, True)
+    """
+    if sys.platform != "linux":
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # glibc before 2.28, musl
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # not supported by this kernel or file system: fall back to two renames
+    raise OSError(code, os.strerror(code), a)
 
 
 def publish_directory(staging: str, final: str) -> str:
@@ -84,10 +119,14 @@ def publish_directory(staging: str, final: str) -> str:
                 _fsync_path(os.path.join(root, name))
             _fsync_path(root)
     aside = None
-    if os.path.lexists(final):
-        aside = os.path.join(parent, f".{os.path.basename(final)}{OLD_MARKER}{secrets.token_hex(4)}")
-        os.rename(final, aside)
-    os.rename(staging, final)
+    if os.path.lexists(final) and _exchange(staging, final):
+        aside = staging  # now holds the old folder
+    else:
+        if os.path.lexists(final):
+            aside = os.path.join(
+                parent, f".{os.path.basename(final)}{OLD_MARKER}{secrets.token_hex(4)}")
+            os.rename(final, aside)
+        os.rename(staging, final)
     if _knobs.fsync_enabled():
         _fsync_path(parent)
     if aside is not None:

@@ -83,7 +83,7 @@ def publish_files(staging_dir: str, checkpoint_dir: str, names: Iterable[str]) -
     replaces one a committed index may point at.  The parent is fsynced too
     because the checkpoint directory itself may be new (a first save): without
     it a power loss after the commit could drop the whole directory
-    (tests/distributed/test_crash_states.py found that state).
+    (tests/distributed/test_dist_crash_states.py found that state).
 
     Raises:
         FileExistsError: a target name is already taken.
