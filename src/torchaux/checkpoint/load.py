@@ -2,15 +2,17 @@
 
 The format is detected from the content, never the file name: an encrypted
 envelope (:mod:`.crypto`), a torch.save zip, or safetensors.  Nothing is ever
-unpickled beyond ``torch.load(weights_only=True)``, so a checkpoint cannot run
-code.  An encrypted file is decrypted and fully verified in memory before a
-single tensor is built from it; with ``dec_key`` given, a file that is *not*
-encrypted is refused (a plaintext file where an encrypted one is expected
-means it was replaced).
+unpickled beyond torch's weights-only unpickler, so a checkpoint cannot run
+code.  Files are read by the parallel loader (:mod:`torchaux.checkpoint.loader`):
+records straight into the tensors, CRCs while reading, every encrypted chunk
+verified before any entry is returned; with ``dec_key`` given, a file that is
+*not* encrypted is refused (a plaintext file where an encrypted one is
+expected means it was replaced).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
@@ -19,7 +21,9 @@ from typing import Any
 
 import torch
 
+from torchaux.checkpoint.formats.fill import BufferSource
 from torchaux.checkpoint.formats.torch_save import integrity
+from torchaux.checkpoint.loader import open_source, read_object, read_safetensors_entries
 from torchaux.checkpoint.crypto.header import MAGIC as _ENC_MAGIC
 from torchaux.checkpoint.formats.safetensors.metadata import (
     safetensors_entries,
@@ -133,25 +137,48 @@ def torch_entries(data: bytes, path: str, map_location: Any = "cpu") -> dict[str
     return obj
 
 
-def _load_ckpt(data: bytes, path: str, crc_check: bool, map_location: Any) -> dict[str, Any]:
-    if crc_check and not integrity.verify_zip_crc(data, path):
+def _read_entries(
+    path: str, dec_key: bytes | None, dec_mode: str | None, expected_id: bytes | None,
+    options: dict[str, Any] | None, crc_check: bool, format: str | None, map_location: Any,
+) -> dict[str, Any]:
+    """Read the file through the parallel loader (:mod:`.loader`); remote files whole first."""
+    with contextlib.ExitStack() as stack:
+        if remote.is_url(path):
+            data = _read_plain(path, dec_key, dec_mode, expected_id, options)
+            source: Any = BufferSource(data, path)
+        else:
+            source, _ = stack.enter_context(open_source(path, dec_key, dec_mode, expected_id))
+        found = detect_format(source.read(0, min(16, source.size)))
+        if format is not None and found != format:
+            raise ValueError(f"{path} is a {found!r} checkpoint, but format={format!r} was requested")
+        if found == "safetensors":
+            entries, verified = read_safetensors_entries(
+                source, path, crc_check=crc_check, map_location=map_location
+            )
+            if crc_check and verified is None:
+                warnings.warn(f"{path} records no crc_num; nothing to check", stacklevel=4)
+            return entries
+        try:
+            obj, verified = read_object(source, path, crc_check=crc_check, map_location=map_location)
+        except IntegrityError:
+            raise
+        except Exception as exc:  # a damaged pickle fails the unpickler in many ways
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise IntegrityError(
+                f"{path}: not a readable checkpoint ({type(exc).__name__}: {_quote(first)}); the "
+                "file is damaged, truncated or not a weights-only torch.save file"
+            ) from exc
+    if crc_check and verified is False:
         warnings.warn(
             f"{path} has no content CRC (saved without crc_check); its member CRCs were "
-            "verified instead", stacklevel=3,
+            "verified instead", stacklevel=4,
         )
-    return torch_entries(data, path, map_location)
-
-
-def _load_safetensors(data: bytes, path: str, crc_check: bool, map_location: Any) -> dict[str, Any]:
-    from torchaux.checkpoint.formats.safetensors.writer import read_safetensors
-
-    tensors, metadata = read_safetensors(data)
-    if crc_check and verify_safetensors_crcs(tensors, metadata, path) is None:
-        warnings.warn(f"{path} records no crc_num; nothing to check", stacklevel=3)
-    out = safetensors_entries(tensors, metadata, path)
-    if map_location is not None and map_location != "cpu":
-        out = {k: v.to(map_location) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
-    return out
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise IntegrityError(
+            f"{path}: expected a dict of name -> value (what save_checkpoint writes), found "
+            f"{type(obj).__name__}; use torch.load for other torch.save files"
+        )
+    return obj
 
 
 def load_checkpoint(
@@ -241,14 +268,8 @@ def load_checkpoint(
         path = os.path.realpath(os.fsdecode(ckpt_file_name))
         if not os.path.isfile(path):
             raise ValueError(f"checkpoint file {path!r} does not exist (or is not a file)")
-    data = _read_plain(path, dec_key, dec_mode, expected, options)
-    found = detect_format(data[:16])
-    if format is not None and found != format:
-        raise ValueError(f"{path} is a {found!r} checkpoint, but format={format!r} was requested")
-    if found == "ckpt":
-        entries = _load_ckpt(data, path, crc_check, map_location)
-    else:
-        entries = _load_safetensors(data, path, crc_check, map_location)
+    entries = _read_entries(path, dec_key, dec_mode, expected, options, crc_check, format,
+                            map_location)
     try:
         if specify is not None or filters is not None:
             entries = {

@@ -31,7 +31,9 @@ import torch
 
 from torchaux.errors import IntegrityError, UnsupportedFormatError
 
-__all__ = ["SAFETENSORS_DTYPES", "MAX_HEADER_BYTES", "METADATA_KEY", "read_safetensors"]
+__all__ = [
+    "SAFETENSORS_DTYPES", "MAX_HEADER_BYTES", "METADATA_KEY", "read_safetensors", "safetensors_layout",
+]
 
 #: Largest header safetensors accepts (``MAX_HEADER_SIZE`` in tensor.rs).
 MAX_HEADER_BYTES = 100_000_000
@@ -178,6 +180,20 @@ def read_safetensors(
     data_start = 8 + header_len
     tensors = {e.name: _load(src, data_start, e) for e in sorted(selected, key=lambda e: e.name)}
     return tensors, metadata
+
+
+def safetensors_layout(source: Any) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...], int, int]], dict[str, str]]:
+    """Validate the header of ``source`` (``size`` and ``read(offset, n)``, e.g. a fill source).
+
+    Returns ``([(name, dtype, shape, begin, end)], metadata)``, sorted by name, with
+    file offsets; the checks and errors are :func:`read_safetensors`'.
+    """
+    header_len, entries, metadata = _parse_header(source)
+    data = 8 + header_len
+    return [
+        (e.name, *_torch_shape(e), data + e.begin, data + e.end)
+        for e in sorted(entries, key=lambda e: e.name)
+    ], metadata
 
 
 def _read_some(f: IO[bytes], dst: memoryview) -> int:

@@ -83,13 +83,19 @@ def _open(source: IO[bytes] | bytes, path: str) -> zipfile.ZipFile:
         ) from exc
 
 
-def check_members(data: bytes | bytearray | memoryview, path: str = "<checkpoint>") -> None:
+def check_members(
+    data: bytes | bytearray | memoryview | IO[bytes], path: str = "<checkpoint>"
+) -> list[tuple[zipfile.ZipInfo, int]]:
     """Refuse an archive whose members are not stored as torch.save/torchaux store them.
 
     Reads only the central directory and each local header (nothing is
     decompressed): every member must be stored (method 0, no encryption),
     with equal compressed and uncompressed sizes in both headers, its data
-    inside the file and not overlapping another member's.
+    inside the file and not overlapping another member's.  ``data`` is the
+    archive's bytes or a seekable binary file holding it.
+
+    Returns:
+        ``(member, offset of its data)`` for every member, in directory order.
 
     Raises:
         IntegrityError: the first member that breaks a rule, named (shortened).
@@ -103,12 +109,24 @@ def check_members(data: bytes | bytearray | memoryview, path: str = "<checkpoint
         Traceback (most recent call last):
         torchaux.errors.IntegrityError: <checkpoint>: member 'a/data.pkl' is compressed (method 8)...
     """
-    blob = bytes(data)  # no copy for bytes (the common case)
-    view = memoryview(blob)
-    size = len(view)
-    with _open(blob, path) as z:  # parses the central directory only
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        blob = bytes(data)  # no copy for bytes (the common case)
+        view = memoryview(blob)
+        size = len(view)
+        source: IO[bytes] | bytes = blob
+
+        def local(at: int) -> tuple[int, ...]:
+            return _LOCAL.unpack_from(view, at)
+    else:
+        source, size = data, data.seek(0, 2)
+
+        def local(at: int) -> tuple[int, ...]:
+            data.seek(at)
+            return _LOCAL.unpack(data.read(_LOCAL.size))
+    with _open(source, path) as z:  # parses the central directory only
         infos = z.infolist()
     spans = []
+    out = []
     for info in infos:
         name = _quote(info.filename)
         if info.compress_type != zipfile.ZIP_STORED:
@@ -130,7 +148,7 @@ def check_members(data: bytes | bytearray | memoryview, path: str = "<checkpoint
                 f"{path}: member {name} has its header at byte {at}, outside the {size}-byte "
                 "file; the file is truncated or damaged"
             )
-        sig, _, _, method, _, _, _, _, _, name_len, extra_len = _LOCAL.unpack_from(view, at)
+        sig, _, _, method, _, _, _, _, _, name_len, extra_len = local(at)
         if sig != _LOCAL_SIG or method != 0:
             raise IntegrityError(
                 f"{path}: member {name}'s local header at byte {at} is "
@@ -145,6 +163,7 @@ def check_members(data: bytes | bytearray | memoryview, path: str = "<checkpoint
                 f"the end of the {size}-byte file; the file is truncated or was crafted"
             )
         spans.append((at, end, name))
+        out.append((info, start))
     spans.sort()
     for (_, end, name), (at, _, other) in zip(spans, spans[1:]):
         if at < end:
@@ -152,6 +171,7 @@ def check_members(data: bytes | bytearray | memoryview, path: str = "<checkpoint
                 f"{path}: member {other} starts at byte {at}, inside member {name} (ends at "
                 f"{end}); members of a checkpoint never overlap: the file was crafted"
             )
+    return out
 
 
 def has_content_crc(source: IO[bytes] | bytes) -> bool:
