@@ -15,7 +15,7 @@ _SRC = Path(torchaux.__file__).resolve().parent
 # The public surface; a change here is an API change and shows up in review.
 _PUBLIC = {
     "save_async", "wait_saves", "AsyncSaver", "SaveHandle",
-    "save_checkpoint", "load_checkpoint", "load_param_into_net", "CheckpointManager",
+    "save_checkpoint", "load_checkpoint", "load_param_into_net", "load", "CheckpointManager",
     "CheckpointError", "IntegrityError", "DecryptionError", "UnsupportedFormatError",
     "SaveClosedError",
     "combine_tensors", "npu_combine_tensors", "get_part_combined_tensor",

@@ -2,6 +2,7 @@
 
 from torchaux.checkpoint import AsyncSaver, SaveHandle, save_async, wait_saves
 from torchaux.checkpoint.load import load_checkpoint, load_param_into_net
+from torchaux.checkpoint.loader import load
 from torchaux.checkpoint.save import save_checkpoint
 from torchaux.manager import CheckpointManager
 from torchaux.errors import (
@@ -37,6 +38,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_param_into_net",
+    "load",
     "CheckpointManager",
     # errors
     "CheckpointError",
