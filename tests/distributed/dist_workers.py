@@ -168,6 +168,42 @@ def save_fsdp(rank: int, world: int, directory: str, expected_path: str) -> None
     load_and_check(world, directory, expected_path)
 
 
+def overlapped_and_sharded_tensor(rank: int, world: int, root: str) -> None:
+    """model=: copies overlap the next step, whose optimizer step fences; ShardedTensor refused."""
+    import pytest
+    from torch.distributed._shard.sharded_tensor import empty as sharded_empty
+    from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+
+    import torchaux.distributed as td
+    from torchaux.checkpoint.engine import fence
+    from torchaux.errors import InvalidArgumentError
+
+    model, opt = fsdp_model(world)
+    train(model, opt, 0)
+    sd = state(model, opt, world, step=1)
+    expected = full(sd)
+    directory = os.path.join(root, "overlapped")
+    handle = td.save_async(sd, directory, timeout=60, model=model)
+    train(model, opt, step=7)  # forward, backward and the optimizer step right away
+    assert handle.wait(60) == os.path.abspath(directory)
+    assert fence.armed_count() == 0  # disarmed once staged
+    expected_path = os.path.join(root, "expected.pt")
+    if rank == 0:
+        torch.save(expected, expected_path)
+    dist.barrier()
+    load_and_check(world, directory, expected_path)
+
+    spec = ChunkShardingSpec(dim=0, placements=[f"rank:{r}/cpu" for r in range(world)])
+    legacy = sharded_empty(spec, 4 * world, 3)
+    refused = os.path.join(root, "refused")
+    with pytest.raises(InvalidArgumentError, match=r"optim\.st is a legacy ShardedTensor.*DTensor.*"
+                       r"torch\.distributed\.checkpoint\.save"):
+        td.save_async({"w": torch.ones(2), "optim": {"st": legacy}}, refused, timeout=60)
+    assert not os.path.exists(os.path.join(refused, ".metadata"))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        td.save_async({"w": torch.ones(2)}, refused, model=opt)  # type: ignore[arg-type]
+
+
 def load_fsdp(rank: int, world: int, directory: str, expected_path: str) -> None:
     load_and_check(world, directory, expected_path)
 

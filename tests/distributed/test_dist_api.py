@@ -58,5 +58,11 @@ def test_fsdp_at_2_and_stock_dcp_interop_and_process_checkpointer(tmp_path: Path
     dist_workers.run("interop", 2, str(tmp_path))
 
 
+def test_model_overlap_loads_the_state_at_the_call_and_sharded_tensor_is_refused(
+    tmp_path: Path,
+) -> None:
+    dist_workers.run("overlapped_and_sharded_tensor", 2, str(tmp_path))
+
+
 def test_failed_rank_commits_nothing_and_every_rank_raises(tmp_path: Path) -> None:
     dist_workers.run("failing_rank", 2, str(tmp_path / "ckpt"))

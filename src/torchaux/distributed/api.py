@@ -34,6 +34,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.api import CheckpointException
@@ -41,6 +42,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from torchaux import _knobs
+from torchaux.checkpoint.engine import fence
 from torchaux.checkpoint.engine.saver import AsyncSaver, SaveHandle
 from torchaux.checkpoint.engine.staging import Snapshot
 from torchaux.distributed.commit import StoreVote
@@ -115,6 +117,7 @@ def save_async(
     enc_key: bytes | None = None,
     enc_mode: str = "AES-GCM",
     timeout: float | None = None,
+    model: torch.nn.Module | None = None,
 ) -> SaveHandle:
     """Save this rank's part of a sharded checkpoint in the background.
 
@@ -128,6 +131,17 @@ def save_async(
         enc_key: encrypt every chunk (16/24/32 bytes); ``enc_mode`` its mode.
         timeout: seconds to wait for the other ranks before failing (default
             ``TORCHAUX_DISTRIBUTED_TIMEOUT_S``, 600).
+        model: the module being trained (e.g. the FSDP2 root): the call
+            returns before the CPU copies, which the writer thread makes
+            while the next forward and backward run; ``model``'s forward
+            and every ``torch.optim`` step wait for (or make) the copies of
+            what they change, as ``torchaux.save_async(..., model=)`` does
+            (:mod:`torchaux.checkpoint.engine.fence`).  Any other in-place
+            change of a saved tensor before its copy fails the save with
+            :class:`~torchaux.errors.TensorChangedError`; nothing is committed.
+
+    Raises:
+        InvalidArgumentError: a legacy ``ShardedTensor`` in ``state_dict``.
 
     Returns:
         A :class:`~torchaux.SaveHandle`: ``staged`` resolves once this rank's
@@ -139,6 +153,8 @@ def save_async(
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a dict; found {type(state_dict).__name__}")
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or None; found {type(model).__name__}")
     target = _check_dir(checkpoint_dir)
     seconds = _check_timeout(timeout)
     writer = StorageWriter(target, enc_key=enc_key, enc_mode=enc_mode)
@@ -149,10 +165,18 @@ def save_async(
     deadline = start + (seconds * 0.9 if group.rank == 0 else seconds)
     vote = StoreVote(group.store, prefix, group.rank, group.world, group.ranks, deadline)
     saver = _distributed_saver()
+    # A save from inside an optimizer step (a step pre-hook) is staged eagerly:
+    # that step's pre-hooks, the fence among them, have already run.
+    deferred = model is not None and not fence.inside_optimizer_step()
     saver.reserve()
+    snapshot: Snapshot | None = None
     try:
-        staged, snapshot = stage_state_dict(dict(state_dict), saver.pool)
+        staged, snapshot = stage_state_dict(dict(state_dict), saver.pool, model=model if deferred else None)
+        if deferred:
+            fence.arm(model, snapshot)  # type: ignore[arg-type]
     except BaseException as exc:
+        if snapshot is not None:
+            snapshot.release(saver.pool)
         saver.cancel_reservation()
         vote.post_failure("plan", exc)
         raise
@@ -160,7 +184,15 @@ def save_async(
     def write(snap: Snapshot) -> str:
         return _run_save(staged, writer, vote, group.rank == 0)
 
-    return saver.submit(snapshot, write, target)
+    try:
+        handle = saver.submit(snapshot, write, target)
+    except BaseException:
+        if deferred:
+            fence.disarm(model, snapshot)  # type: ignore[arg-type]
+        raise
+    if deferred:
+        handle.staged.add_done_callback(lambda _: fence.disarm(model, snapshot))  # type: ignore[arg-type]
+    return handle
 
 
 def save(state_dict: Mapping[str, Any], checkpoint_dir: str | os.PathLike[str], **kwargs: Any) -> str:

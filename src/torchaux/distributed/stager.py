@@ -28,11 +28,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
+from torchaux.checkpoint.engine.fence import model_tensors
 from torchaux.checkpoint.engine.pool import HostBufferPool
 from torchaux.checkpoint.engine.staging import Snapshot, stage
+from torchaux.errors import InvalidArgumentError
 
 __all__ = ["stage_state_dict", "Stager"]
 
@@ -48,10 +51,12 @@ def _collect(obj: Any, tensors: list[torch.Tensor], path: str) -> Any:
         tensors.append(obj._local_tensor.detach())
         return _TensorSlot(len(tensors) - 1, obj._spec)
     if isinstance(obj, torch.Tensor):
-        if type(obj).__name__ == "ShardedTensor":  # pragma: no cover - legacy type
-            raise TypeError(
-                f"{path or 'state_dict'} is a ShardedTensor, which torchaux.distributed does "
-                "not stage; use DTensor (FSDP2 fully_shard, tensor parallel)"
+        if isinstance(obj, ShardedTensor):
+            raise InvalidArgumentError(
+                f"{path.lstrip('.') or 'state_dict'} is a legacy ShardedTensor, which "
+                "torchaux.distributed does not save: expected DTensors (FSDP2 fully_shard, "
+                "tensor parallel; get_state_dict returns them) or plain tensors; save a "
+                "ShardedTensor state dict with stock torch.distributed.checkpoint.save instead"
             )
         tensors.append(obj.detach())
         return _TensorSlot(len(tensors) - 1)
@@ -75,12 +80,21 @@ def _rebuild(skeleton: Any, snapshot: Snapshot) -> Any:
     return skeleton
 
 
-def stage_state_dict(state_dict: Any, pool: HostBufferPool) -> tuple[Any, Snapshot]:
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def stage_state_dict(
+    state_dict: Any, pool: HostBufferPool, *, model: torch.nn.Module | None = None
+) -> tuple[Any, Snapshot]:
     """Snapshot ``state_dict`` into ``pool``; return the staged dict and its snapshot.
 
-    CPU copies are done before returning; accelerator copies are queued on
-    a side stream (call ``snapshot.finish_staging()`` before reading them).
-    Give the buffers back with ``snapshot.release(pool)`` once written.
+    CPU copies are done before returning, or, with ``model``, left to
+    ``snapshot.finish_staging()`` and the fences (``model``'s tensors
+    first), each checked against its version counter at the call.
+    Accelerator copies are queued on a side stream (call
+    ``snapshot.finish_staging()`` before reading them).  Give the buffers
+    back with ``snapshot.release(pool)`` once written.
     """
     tensors: list[torch.Tensor] = []
     skeleton = _collect(state_dict, tensors, "")
@@ -89,6 +103,9 @@ def stage_state_dict(state_dict: Any, pool: HostBufferPool) -> tuple[Any, Snapsh
         pool=pool,
         pickle_module=pickle,
         pickle_protocol=2,
+        defer_cpu_copies=model is not None,
+        # An FSDP2 module's parameters are DTensors: their shards are what is staged.
+        model_buffers=[_local(t) for t in model_tensors(model)] if model is not None else (),
         index={str(i): t for i, t in enumerate(tensors)},
     )
     try:
