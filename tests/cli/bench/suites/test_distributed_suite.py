@@ -1,0 +1,41 @@
+"""``torchaux bench --distributed`` (cli/bench/suites/distributed.py, ranks.py) end to end, tiny."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from torchaux.cli.bench.suites import distributed
+from torchaux.cli.bench.suites.ranks import METHODS
+from torchaux.cli.main import main
+
+
+@pytest.mark.multiprocess  # every method on two spawned gloo ranks, then the loads
+def test_every_method_saves_complete_checkpoints_and_reports_ratios(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCHAUX_BENCH_NPROC", "2")
+    out = tmp_path / "r.json"
+    assert main(["bench", "--distributed", "--size-mib", "2", "--steps", "4", "--every", "2",
+                 "--dir", str(tmp_path), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ratios" in printed and all(m in printed for m in METHODS)
+    r = json.loads(out.read_text())
+    assert list(r["methods"]) == list(METHODS)
+    for m in r["methods"].values():
+        # One save window (a save at step 1) beside one no-save window; the
+        # checkpoint loads back equal to the state at step 1 on both ranks.
+        assert m["saves"] == 1 and m["complete"] == 1, m
+        assert m["stall_s"] > 0 and m["durable_s"] > 0 and m["shard_mib"] > 0
+    assert set(r["load"]) == {"2->2", "2->1"}
+    assert {"stall_s", "overhead_s", "durable_s", "load 2->2", "load 2->1"} <= set(r["ratios"])
+    assert not any(p.name.startswith("torchaux-bench-dist-") for p in tmp_path.iterdir())
+
+
+def test_bad_settings_are_refused_before_any_rank_starts(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="nproc >= 2"):
+        distributed.run_distributed(nproc=1, root=str(tmp_path))
+    with pytest.raises(ValueError, match="at least 2 x every"):
+        distributed.run_distributed(steps=4, every=3, root=str(tmp_path))
