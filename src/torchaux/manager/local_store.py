@@ -5,6 +5,12 @@ final name (the state file through the engine's atomic, fsynced commit, then
 the metadata file), and published with one directory rename
 (:func:`~torchaux.checkpoint.storage.directory.publish_directory`); deletion
 renames it away first (:func:`~torchaux.checkpoint.storage.retire.retire_directory`).
+A distributed step (every rank of a process group saving its shards) is
+written by :func:`torchaux.distributed.save_async` into
+``.step-<N>.torchaux-tmp-dist_<token>_<n>/`` - a name every rank derives alike
+(:meth:`LocalStore.sharded_target`); after the distributed commit rank 0 adds
+the metadata file and publishes it with the same rename
+(:meth:`LocalStore.publish_sharded`).
 Every rename and delete goes through :mod:`torchaux.checkpoint.storage`.
 """
 
@@ -12,16 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import BinaryIO
 
-from torchaux.checkpoint.storage.commit import atomic_write
+from torchaux.checkpoint.storage.commit import TEMP_MARKER, atomic_write
 from torchaux.checkpoint.storage.directory import publish_directory, remove_stale, remove_tree
-from torchaux.checkpoint.storage.retire import (
-    make_temp_dir,
-    remove_stale_temp_dirs,
-    retire_directory,
-)
+from torchaux.checkpoint.storage.retire import make_temp_dir, retire_directory
 from torchaux.manager.steps import (
     LATEST_NAME,
     METADATA_NAME,
@@ -45,7 +47,7 @@ class LocalStore:
         >>> with store.commit(target, StepInfo(1, {"loss": 0.5})) as f:
         ...     _ = f.write(b"state")
         >>> store.committed()
-        [StepInfo(step=1, metrics={'loss': 0.5}, encrypted=None)]
+        [StepInfo(step=1, metrics={'loss': 0.5}, encrypted=None, layout='file')]
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
@@ -99,6 +101,23 @@ class LocalStore:
             remove_tree(tmp)  # a temp folder: no reader ever took it for a step
             raise
 
+    def sharded_target(self, step: int, token: str, n: int) -> str:
+        """The temp directory of the manager's ``n``-th distributed save (same name on every rank).
+
+        No dashes after the marker, so it never looks like this process's
+        ``-<pid>-`` temps to :meth:`remove_orphans`.
+
+        >>> os.path.basename(LocalStore(doctest_tmp).sharded_target(7, "ab12", 3))
+        '.step-7.torchaux-tmp-dist_ab12_3'
+        """
+        return os.path.join(self.location, f".{step_name(step)}{TEMP_MARKER}dist_{token}_{n}")
+
+    def publish_sharded(self, tmp: str, info: StepInfo) -> None:
+        """Rank 0, after the distributed commit in ``tmp``: write the marker, rename into place."""
+        with atomic_write(os.path.join(tmp, METADATA_NAME)) as m:
+            m.write(encode_metadata(info))
+        publish_directory(tmp, self.step_path(info.step))
+
     def committed(self) -> list[StepInfo]:
         """Every committed step, oldest first (the truth; ``latest`` is only a hint)."""
         found = []
@@ -118,10 +137,25 @@ class LocalStore:
     def delete(self, step: int) -> None:
         retire_directory(self.step_path(step))
 
-    def remove_orphans(self) -> list[str]:
-        """Temp directories and files of crashed saves and deletions (other processes')."""
+    def remove_orphans(self, keep: Collection[str] = ()) -> list[str]:
+        """Temp directories and files of crashed saves and deletions.
+
+        Kept: this process's own temps (``-<pid>-`` in the name: it may be
+        writing them now) and the paths in ``keep`` (distributed saves this
+        process has in flight).
+        """
+        removed = []
+        own = f"-{os.getpid()}-"
+        for name in sorted(os.listdir(self.location)):
+            full = os.path.join(self.location, name)
+            if TEMP_MARKER not in name or full in keep:
+                continue
+            if own in "-" + name.split(TEMP_MARKER, 1)[1]:
+                continue
+            remove_tree(full)  # a missing entry (removed meanwhile) is fine
+            removed.append(full)
         # remove_stale: folders a replacing publish renamed aside (".torchaux-old-").
-        return remove_stale_temp_dirs(self.location) + remove_stale(self.location, [])
+        return removed + remove_stale(self.location, [])
 
     def write_latest(self, step: int) -> None:
         with atomic_write(os.path.join(self.location, LATEST_NAME)) as f:

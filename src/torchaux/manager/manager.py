@@ -18,33 +18,36 @@ ecosystem-anchors.md §3):
 
 Every failure - of a save, of the pointer update or of a deletion - is raised
 by the handle, or by the next ``save``, ``wait_until_finished`` or ``close``.
-A distributed step (every rank saving its shard, rank 0 committing) fits
-behind the same store interface: only :meth:`CheckpointManager._submit`
-changes.
+
+With a process group (``process_group=``; by default when torch.distributed
+runs more than one rank) every rank calls ``save`` and ``restore``: the step
+is a :mod:`torchaux.distributed` checkpoint of every rank's shards, rank 0
+publishes it, updates ``latest`` and runs retention (:mod:`.sharded`), and
+the ranks agree on every decision (:mod:`.group`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, BinaryIO
 
-import torch
-
 from torchaux.checkpoint.api import save_async
 from torchaux.checkpoint.engine.saver import AsyncSaver, SaveHandle
 from torchaux.checkpoint.storage import remote
-from torchaux.errors import SaveClosedError
+from torchaux.errors import CheckpointError, SaveClosedError
+from torchaux.manager.background import BackgroundWork, chain
+from torchaux.manager.group import resolve_group
 from torchaux.manager.local_store import LocalStore
 from torchaux.manager.policy import RetentionPolicy, SavePolicy
 from torchaux.manager.preemption import PreemptionWatcher, parse_signals
 from torchaux.manager.remote_store import RemoteStore
-from torchaux.manager.restore import copy_into
+from torchaux.manager.restore import load_step
+from torchaux.manager.sharded import ShardedSteps
 from torchaux.manager.steps import StepInfo, check_metrics, check_step
 
 __all__ = ["CheckpointManager"]
@@ -64,11 +67,25 @@ class CheckpointManager:
         keep_best: best steps to keep (needs ``best_fn``).
         async_save: return once staged (True) or once durable (False).
         enc_key, enc_mode: encrypt every step (:func:`torchaux.save_checkpoint`;
-            the state must then be a flat ``name -> tensor/number/str`` dict).
+            the state must then be a flat ``name -> tensor/number/str`` dict,
+            except for distributed steps, which encrypt every chunk).
         storage_options: fsspec options for an ``s3://`` directory.
         preemption: ``True`` to watch SIGTERM and SIGUSR1, or the signals to
             watch; after one arrives the next ``save`` saves whatever the step
             and waits until it is durable, and :meth:`reached_preemption` turns True.
+            With a process group a signal on any rank counts for every rank.
+        process_group: who saves together.  ``None`` (default): every rank of
+            the world when torch.distributed is initialised with more than one
+            rank, else this process alone; ``True``: the world (must be
+            initialised); a ``ProcessGroup``: that group; ``False``: this
+            process alone even in a distributed job.  With a group, every
+            rank constructs the manager and calls ``save``/``restore`` with the
+            same steps (each a collective on the caller's thread), ``directory``
+            is a local path every rank sees (a shared file system), and
+            ``state`` is the rank's state dict (DTensor/FSDP2 from
+            ``get_state_dict``, replicated DDP tensors, plain values).  Rank 0's
+            ``metrics`` are the ones kept; the listing methods return the
+            committed steps as rank 0 last reported them, the same on every rank.
 
     Example:
         >>> import os, torch, torchaux
@@ -97,6 +114,7 @@ class CheckpointManager:
         enc_mode: str = "AES-GCM",
         storage_options: dict[str, Any] | None = None,
         preemption: bool | Iterable[int] = False,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(directory, (str, os.PathLike)) or os.fspath(directory) in ("", b""):
             raise TypeError(
@@ -123,20 +141,22 @@ class CheckpointManager:
             else LocalStore(location)
         )
         self.directory = self._store.location
+        group = resolve_group(process_group)
         self._async = async_save
         self._enc_key = enc_key
         self._enc_mode = enc_mode
         self._lock = threading.Lock()
         self._infos: dict[str, StepInfo] = {}  # targets submitted, not yet committed
-        self._handles: list[SaveHandle] = []
-        self._errors: list[BaseException] = []
-        self._store.remove_orphans()  # temps of crashed saves: nobody is writing them now
-        committed = self._store.committed()
+        self._sharded: ShardedSteps | None = None
+        if group is None:
+            self._store.remove_orphans()  # temps of crashed saves: nobody is writing them now
+            committed = self._store.committed()
+        else:  # rank 0 removes orphans (the group is not saving yet) and lists for everyone
+            self._sharded = ShardedSteps(group, self._store, enc_key, enc_mode)
+            committed = self._sharded.start()
         self._last_step = committed[-1].step if committed else None
         self._saved_since_signal = False
-        self._tasks: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._work, name="torchaux-manager", daemon=True)
-        self._worker.start()
+        self._work = BackgroundWork("torchaux-manager")
         self._saver = AsyncSaver(sink=self._sink, name="torchaux-manager-writer")
         self._watcher = PreemptionWatcher(signals) if signals else None
         self._closed = False
@@ -159,6 +179,16 @@ class CheckpointManager:
         """
         if self._closed:
             raise SaveClosedError("this CheckpointManager is closed; create a new one to save")
+        if self._sharded is not None:
+            return self._save_sharded(step, state, metrics, force)
+        info = self._check_call(step, metrics, force)
+        self._work.raise_failure()
+        preempted = self._watcher is not None and self._watcher.triggered
+        if not (force or preempted or self._save_policy.should_save(step)):
+            return None
+        return self._finish_call(self._submit(info, state), info.step, preempted)
+
+    def _check_call(self, step: int, metrics: Mapping[str, Any] | None, force: bool) -> StepInfo:
         check_step(step)
         info = StepInfo(step, check_metrics(metrics), self._enc_mode if self._enc_key else None)
         if not isinstance(force, bool):
@@ -168,16 +198,40 @@ class CheckpointManager:
                 f"step {step} is not greater than the newest saved step {self._last_step} of "
                 f"{self.directory!r}; pass force=True to save (and replace) it anyway"
             )
-        self._raise_background_failure()
-        preempted = self._watcher is not None and self._watcher.triggered
-        if not (force or preempted or self._save_policy.should_save(step)):
-            return None
-        handle = self._submit(info, state)
+        return info
+
+    def _finish_call(self, handle: SaveHandle, step: int, preempted: bool) -> SaveHandle:
+        self._last_step = max(step, self._last_step if self._last_step is not None else -1)
         if not self._async or preempted:
             handle.wait()
             if preempted:
                 self._saved_since_signal = True
         return handle
+
+    def _save_sharded(
+        self, step: int, state: Any, metrics: Mapping[str, Any] | None, force: bool
+    ) -> SaveHandle | None:
+        # Every rank reaches the one all-reduce whatever its arguments (group.py).
+        assert self._sharded is not None
+        refused: BaseException | None = None
+        try:
+            info = self._check_call(step, metrics, force)
+        except (TypeError, ValueError) as exc:
+            refused = exc
+        agreed = self._sharded.group.agree_call(
+            "save", step, refused, failed=self._work.has_failure(), force=force is True,
+            preempted=self._watcher is not None and self._watcher.triggered,
+        )
+        if agreed.failed:
+            self.wait_until_finished()  # raises this rank's copy of the failure
+            raise CheckpointError(
+                "an earlier save or its retention failed on another rank (that rank raised it); "
+                "this rank raises too so that no rank waits for the others"
+            )
+        if not (agreed.force or agreed.preempted or self._save_policy.should_save(step)):
+            return None
+        handle = self._sharded.save(info, state, self._work, self._after_commit)
+        return self._finish_call(handle, info.step, agreed.preempted)
 
     def _submit(self, info: StepInfo, state: Any) -> SaveHandle:
         target = self._store.state_target(info.step)
@@ -199,11 +253,9 @@ class CheckpointManager:
                 self._infos.pop(target, None)
             self._store.discard(target)
             raise
-        self._last_step = max(info.step, self._last_step if self._last_step is not None else -1)
         handle = SaveHandle(self._store.state_path(info.step))
-        with self._lock:  # registered before it can fail, so no failure is dropped
-            self._handles = [h for h in self._handles if _may_still_raise(h)] + [handle]
-        _chain(inner.staged, handle.staged)
+        self._work.track(handle)
+        chain(inner.staged, handle.staged)
         inner.committed.add_done_callback(lambda done: self._finished(done, inner, handle))
         return handle
 
@@ -228,23 +280,10 @@ class CheckpointManager:
                 handle.staged.set_exception(exc)
             handle.committed.set_exception(exc)  # raised later unless the caller waits on it
             return
-        self._tasks.put(self._after_commit)
+        self._work.put(self._after_commit)
         handle.committed.set_result(handle.target)
 
     # -- background work --------------------------------------------------------
-
-    def _work(self) -> None:
-        while True:
-            task = self._tasks.get()
-            try:
-                if task is None:
-                    return
-                task()
-            except BaseException as exc:  # noqa: BLE001 - raised by the next save/wait/close
-                with self._lock:
-                    self._errors.append(exc)
-            finally:
-                self._tasks.task_done()
 
     def _after_commit(self) -> None:
         committed = self._store.committed()
@@ -253,28 +292,20 @@ class CheckpointManager:
         self._store.write_latest(committed[-1].step)
         with self._lock:
             in_flight = {info.step for info in self._infos.values()}
+        if self._sharded is not None:
+            in_flight |= self._sharded.in_flight()
         for step in self._retention.to_delete(committed):
             if step not in in_flight:
                 self._store.delete(step)
 
-    def _raise_background_failure(self) -> None:
-        with self._lock:
-            if self._errors:
-                raise self._errors.pop(0)
-            for handle in self._handles:
-                if handle.done() and not handle._observed:
-                    exc = handle.exception()
-                    if exc is not None:
-                        raise exc
-
     def wait_until_finished(self) -> None:
-        """Wait for the save in flight, the pointer update and deletions; raise any failure."""
-        with self._lock:
-            handles = list(self._handles)
-        for handle in handles:
-            handle.committed.exception()  # the callbacks have run once this returns
-        self._tasks.join()
-        self._raise_background_failure()
+        """Wait for the save in flight, the pointer update and deletions; raise any failure.
+
+        With a process group this also waits for rank 0's pointer update and
+        retention of this rank's saves, and raises a failure of theirs.
+        """
+        self._work.drain()
+        self._work.raise_failure()
 
     def close(self) -> None:
         """Finish everything (raising a failure), stop the threads, restore signal handlers."""
@@ -284,8 +315,7 @@ class CheckpointManager:
             self.wait_until_finished()
         finally:
             self._closed = True
-            self._tasks.put(None)
-            self._worker.join()
+            self._work.stop()
             self._saver.close()
             if self._watcher is not None:
                 self._watcher.uninstall()
@@ -308,9 +338,14 @@ class CheckpointManager:
 
     # -- reading ----------------------------------------------------------------
 
+    def _listing(self) -> list[StepInfo]:
+        if self._sharded is None:
+            return self._store.committed()  # storage is the truth
+        return self._sharded.view()
+
     def all_steps(self) -> list[int]:
-        """Every committed step, oldest first (read from storage: the truth)."""
-        return [info.step for info in self._store.committed()]
+        """Every committed step, oldest first (read from storage; with a group: rank 0's listing)."""
+        return [info.step for info in self._listing()]
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None if there is none."""
@@ -321,7 +356,7 @@ class CheckpointManager:
         """The committed step with the best metrics by ``best_fn``/``best_mode`` (None if none)."""
         if self._retention.best_fn is None:
             raise ValueError("best_step needs best_fn; pass best_fn='loss' (or a callable)")
-        best = self._retention.best(self._store.committed(), 1)
+        best = self._retention.best(self._listing(), 1)
         return best[0] if best else None
 
     def metrics(self, step: int) -> dict[str, float]:
@@ -330,11 +365,11 @@ class CheckpointManager:
 
     def reached_preemption(self) -> bool:
         """True once a watched signal arrived and a save after it is durable: exit the loop."""
-        return self._watcher is not None and self._watcher.triggered and self._saved_since_signal
+        return self._saved_since_signal  # set only by a save after a signal (any rank's)
 
     def _committed_info(self, step: int) -> StepInfo:
         check_step(step, "restore")
-        committed = {info.step: info for info in self._store.committed()}
+        committed = {info.step: info for info in self._listing()}
         if step not in committed:
             raise FileNotFoundError(
                 f"step {step} is not a committed step of {self.directory!r}; committed: "
@@ -345,9 +380,17 @@ class CheckpointManager:
     def restore(self, step: int | None = None, *, state: Any = None, map_location: Any = "cpu") -> Any:
         """Load a committed step (default: the newest); into ``state`` in place if given.
 
+        A distributed step loads into ``state`` in place with resharding (any
+        world size, this process alone included), or whole without ``state``
+        (tensors at their global shape, on the CPU).  With a process group
+        every rank calls it; rank 0 chooses the step for all.
+
         Raises:
             FileNotFoundError: no committed step (or not ``step``).
         """
+        if self._sharded is not None:
+            info = self._sharded.choose_agreed(step, self._work)
+            return self._load(info, state, "cpu", self._sharded.group.pg)
         if step is None:
             step = self.latest_step()
             if step is None:
@@ -355,41 +398,11 @@ class CheckpointManager:
                     f"{self.directory!r} holds no committed step to restore; check "
                     "latest_step() is not None first"
                 )
-        info = self._committed_info(step)
-        if info.encrypted is not None:
-            if self._enc_key is None:
-                raise ValueError(f"step {step} is encrypted ({info.encrypted}); pass enc_key")
-            from torchaux.checkpoint.load import load_checkpoint
+        return self._load(self._committed_info(step), state, map_location, None)
 
-            extra = {"storage_options": self._options} if self._options else {}
-            loaded: Any = load_checkpoint(
-                self._store.state_path(step), dec_key=self._enc_key, dec_mode=info.encrypted,
-                map_location=map_location, **extra,
-            )
-        else:
-            with self._store.open_state(step) as f:
-                loaded = torch.load(f, map_location=map_location, weights_only=True)
-        return loaded if state is None else copy_into(state, loaded)
+    def _load(self, info: StepInfo, state: Any, map_location: Any, group: Any) -> Any:
+        return load_step(self._store, info, state, enc_key=self._enc_key,
+                         storage_options=self._options, map_location=map_location, group=group)
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r}, steps={self.all_steps()})"
-
-
-def _may_still_raise(handle: SaveHandle) -> bool:
-    if not handle.done():
-        return True
-    return not handle._observed and handle.committed.exception() is not None
-
-
-def _chain(source: Future[Any], target: Future[Any]) -> None:
-    def copy(done: Future[Any]) -> None:
-        exc = done.exception()
-        if target.done():
-            return
-        if exc is not None:
-            target.set_exception(exc)
-        else:
-            target.set_result(done.result())
-
-    source.add_done_callback(copy)
-

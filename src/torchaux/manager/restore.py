@@ -7,7 +7,49 @@ from typing import Any
 
 import torch
 
-__all__ = ["copy_into"]
+from torchaux.manager.local_store import LocalStore
+from torchaux.manager.remote_store import RemoteStore
+from torchaux.manager.sharded import load_sharded
+from torchaux.manager.steps import LAYOUT_SHARDED, StepInfo
+
+__all__ = ["copy_into", "load_file", "load_step"]
+
+
+def load_step(
+    store: LocalStore | RemoteStore, info: StepInfo, state: Any, *, enc_key: bytes | None,
+    storage_options: dict[str, Any] | None, map_location: Any, group: Any = None,
+) -> Any:
+    """Load a committed step of either layout; into ``state`` in place if given.
+
+    A distributed step reshards into ``state`` (``group``: the ranks loading
+    together, None for one process); a one-file step is copied into it.
+    """
+    if info.layout == LAYOUT_SHARDED:
+        assert isinstance(store, LocalStore)  # distributed steps are only written locally
+        return load_sharded(store.step_path(info.step), info, state, process_group=group,
+                            dec_key=enc_key)
+    loaded = load_file(store, info, enc_key=enc_key, storage_options=storage_options,
+                       map_location=map_location)
+    return loaded if state is None else copy_into(state, loaded)
+
+
+def load_file(
+    store: LocalStore | RemoteStore, info: StepInfo, *, enc_key: bytes | None,
+    storage_options: dict[str, Any] | None, map_location: Any,
+) -> Any:
+    """Load a one-file step (:data:`~torchaux.manager.steps.LAYOUT_FILE`) whole."""
+    if info.encrypted is None:
+        with store.open_state(info.step) as f:
+            return torch.load(f, map_location=map_location, weights_only=True)
+    if enc_key is None:
+        raise ValueError(f"step {info.step} is encrypted ({info.encrypted}); pass enc_key")
+    from torchaux.checkpoint.load import load_checkpoint
+
+    extra = {"storage_options": storage_options} if storage_options else {}
+    return load_checkpoint(
+        store.state_path(info.step), dec_key=enc_key, dec_mode=info.encrypted,
+        map_location=map_location, **extra,
+    )
 
 
 def copy_into(target: Any, loaded: Any, where: str = "state") -> Any:

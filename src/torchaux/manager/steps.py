@@ -1,8 +1,10 @@
 """Step naming, validation and metadata: what one manager step looks like in storage.
 
 A step lives under ``<directory>/step-<N>/`` and holds the state file
-(:data:`STATE_NAME`) and the metadata file (:data:`METADATA_NAME`, JSON with
-the step number and its metrics).  The metadata file is the commit marker: it
+(:data:`STATE_NAME`) - or, for a step saved by every rank of a process group
+(layout :data:`LAYOUT_SHARDED`), a :mod:`torchaux.distributed` checkpoint
+(``.metadata`` and one data file per rank) - and the metadata file
+(:data:`METADATA_NAME`, JSON with the step number, its metrics and layout).  The metadata file is the commit marker: it
 is written last (on object stores, where there is no atomic rename) or inside
 the temp directory that is renamed into place (local disks), so a step that
 has it is complete.  Names are matched exactly (``step-`` and decimal digits
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "STEP_PREFIX", "STATE_NAME", "METADATA_NAME", "LATEST_NAME", "FORMAT_VERSION",
-    "StepInfo", "step_name", "parse_step", "check_step", "check_metrics",
+    "LAYOUT_FILE", "LAYOUT_SHARDED", "StepInfo", "step_name", "parse_step", "check_step", "check_metrics",
     "encode_metadata", "decode_metadata",
 ]
 
@@ -33,6 +35,9 @@ METADATA_NAME = "metadata.json"
 #: The ``latest`` pointer beside the steps: a hint for people and tools only.
 LATEST_NAME = "latest"
 FORMAT_VERSION = 1
+#: Layouts of a step: one engine file, or a torchaux.distributed checkpoint of every rank.
+LAYOUT_FILE = "file"
+LAYOUT_SHARDED = "distributed"
 
 _STEP_RE = re.compile(r"step-(0|[1-9][0-9]*)")
 
@@ -44,6 +49,7 @@ class StepInfo:
     step: int
     metrics: dict[str, float] = field(default_factory=dict)
     encrypted: str | None = None
+    layout: str = LAYOUT_FILE
 
 
 def step_name(step: int) -> str:
@@ -112,11 +118,11 @@ def encode_metadata(info: StepInfo) -> bytes:
     """The commit marker's bytes.
 
     >>> decode_metadata(encode_metadata(StepInfo(5, {"loss": 1.0})), "m")
-    StepInfo(step=5, metrics={'loss': 1.0}, encrypted=None)
+    StepInfo(step=5, metrics={'loss': 1.0}, encrypted=None, layout='file')
     """
     doc = {
         "format": FORMAT_VERSION, "step": info.step, "metrics": info.metrics,
-        "encrypted": info.encrypted,
+        "encrypted": info.encrypted, "layout": info.layout,
     }
     return json.dumps(doc, sort_keys=True).encode()
 
@@ -130,6 +136,9 @@ def decode_metadata(data: bytes, where: str) -> StepInfo | None:
         encrypted = doc.get("encrypted")
         if encrypted is not None and not isinstance(encrypted, str):
             return None
+        layout = doc.get("layout", LAYOUT_FILE)  # markers before layouts: one file
+        if layout not in (LAYOUT_FILE, LAYOUT_SHARDED):
+            return None
     except (ValueError, TypeError, KeyError):
         return None
-    return StepInfo(step, metrics, encrypted)
+    return StepInfo(step, metrics, encrypted, layout)
