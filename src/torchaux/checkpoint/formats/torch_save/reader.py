@@ -172,7 +172,14 @@ def read_zip(
     Raises:
         IntegrityError: a damaged layout, truncated data, a CRC mismatch.
     """
+    if not data and crc_check:
+        raise ValueError(
+            "crc_check=True needs the tensor bytes, but a meta map_location reads none; "
+            "load with crc_check=None or False"
+        )
     members = integrity.check_members(SourceFile(source), path)
+    if crc_check is None and not data:
+        crc_check = False
     if crc_check is None:  # check when the file records a content CRC
         crc_check = any(i.filename.endswith("/" + integrity.CRC_MEMBER) for i, _ in members)
     if crc_check:
