@@ -29,6 +29,7 @@ from torchaux.errors import CheckpointError  # noqa: E402
 
 #: Rank 0's loss per saved step: step 2 is the best, so keep_best=1 keeps it.
 LOSS = {0: 1.0, 2: 0.1, 4: 0.5, 6: 0.4, 8: 0.3}
+KEY = bytes(range(32))
 #: Elements of the kill run's sharded tensor: 4 MiB of float32, so a save takes a while.
 KILL_NUMEL = 1 << 20
 
@@ -116,6 +117,28 @@ def agreement(rank: int, world: int, root: str) -> None:
     assert rank == 1 or "refused on another rank" in str(exc), exc
     assert gathered(mgr.all_steps()) == [[0, 2, 3]] * world
     mgr.close()
+    # A device-only group (NCCL, faked): the manager agrees on a gloo group of its own.
+    c10d = dist.distributed_c10d
+    real = c10d._get_object_coll_device
+    c10d._get_object_coll_device = lambda group=None: "cuda"  # type: ignore[assignment]
+    try:
+        dev = torchaux.CheckpointManager(os.path.join(root, "dev"))
+    finally:
+        c10d._get_object_coll_device = real
+    assert dev._sharded is not None and dev._sharded.group._host_pg is not None
+    assert dev.save(0, {"w": w}).wait(60) and dev.save(1, {"w": w}, force=rank == 1).wait(60)  # type: ignore[union-attr]
+    assert gathered(dev.all_steps()) == [[0, 1]] * world
+    dev.close()
+    # Encrypted distributed steps: every chunk sealed, restored with the key only.
+    enc = torchaux.CheckpointManager(os.path.join(root, "enc"), enc_key=KEY)
+    assert enc.save(0, {"w": w + 1, "step": 0}).wait(60)  # type: ignore[union-attr]
+    out = {"w": torch.zeros(4), "step": -1}
+    enc.restore(state=out)
+    assert out["step"] == 0 and torch.equal(out["w"], torch.ones(4)), out  # rank 0's copy
+    enc.close()
+    plain = torchaux.CheckpointManager(os.path.join(root, "enc"))
+    assert "pass enc_key" in str(expect_raise(ValueError, plain.restore, state=out))
+    plain.close()
 
 
 def failing_rank(rank: int, world: int, root: str) -> None:

@@ -50,6 +50,11 @@ def test_retention_keeps_latest_two_and_rank0s_best(first_run: Path) -> None:
     assert ".metadata" in step and sum(n.endswith(".distcp") for n in step) == 2, step
 
 
+def test_encrypted_distributed_step_records_its_mode(first_run: Path) -> None:
+    meta = json.loads((first_run / "enc" / "step-0" / METADATA_NAME).read_text())
+    assert meta["encrypted"] == "AES-GCM" and meta["layout"] == "distributed"
+
+
 def test_new_processes_resume_from_the_newest_step(first_run: Path) -> None:
     workers.run("resume", 2, str(first_run))
 
@@ -73,6 +78,18 @@ def test_process_group_argument_is_checked(tmp_path: Path) -> None:
         torchaux.CheckpointManager(tmp_path / "run", process_group=True)
     with pytest.raises(TypeError, match="ProcessGroup"):
         torchaux.CheckpointManager(tmp_path / "run", process_group="world")
+
+
+def test_distributed_steps_refuse_an_object_store(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from torchaux.manager.remote_store import RemoteStore
+    from torchaux.manager.sharded import ShardedSteps
+
+    store = object.__new__(RemoteStore)  # no server needed: refused before any request
+    store.location = "s3://bucket/run"
+    with pytest.raises(ValueError, match="needs a local .shared. directory"):
+        ShardedSteps(SimpleNamespace(world=2), store, None, "AES-GCM")  # type: ignore[arg-type]
 
 
 def _env() -> dict[str, str]:

@@ -3,7 +3,8 @@
 Three channels, each used where it cannot deadlock or diverge:
 
 * :meth:`RankGroup.agree` - one all-reduce (MAX) of a few integers on the
-  **caller's thread**, inside every ``save()`` call on every rank: whether
+  **caller's thread**, on host memory (a gloo group: :func:`_host_group`),
+  inside every ``save()`` call on every rank: whether
   any rank refused the call, holds an unreported failure, passed ``force``
   or received a preemption signal, and the step each rank passed.  So a
   signal delivered to one rank only (a scheduler notice to one node) makes
@@ -68,6 +69,27 @@ def resolve_group(process_group: Any) -> RankGroup | None:
     return RankGroup(None if process_group is True else process_group)
 
 
+def _host_group(process_group: Any) -> tuple[Any, torch.device]:
+    """The group and device the manager's own collectives use.
+
+    The group itself where it reduces host tensors (gloo, or "cpu:gloo,cuda:nccl").
+    A device-only group (NCCL) would make every ``save()`` wait for the
+    device: the agreed flags are read on the host, and the all-reduce queues
+    behind the step's kernels.  So a gloo group over the same ranks is made
+    once - what torchtitan's async checkpointer and DCP's ``async_save``
+    documentation use for checkpoint coordination.
+    """
+    kind = dist.distributed_c10d._get_object_coll_device(process_group)
+    if kind == "cpu":
+        return process_group, torch.device("cpu")
+    if dist.is_gloo_available():
+        ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
+        host = dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
+        return host, torch.device("cpu")
+    device = torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device(kind)
+    return process_group, device
+
+
 @dataclass(frozen=True)
 class Agreement:
     """What every rank learnt from one ``save()`` call's all-reduce."""
@@ -97,11 +119,8 @@ class RankGroup:
         except (RuntimeError, NotImplementedError):  # no clone(): share it
             self._store = store
         self.token = ""
-        # Object collectives pick the group's device the same way (distributed_c10d).
-        kind = dist.distributed_c10d._get_object_coll_device(process_group)
-        self._device = (
-            torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device(kind)
-        )
+        self._host_pg, self._device = _host_group(process_group)
+        self._src = dist.get_global_rank(process_group or dist.group.WORLD, 0)
 
     def agree(
         self, *, refused: bool, failed: bool, force: bool, preempted: bool, step: int
@@ -109,7 +128,7 @@ class RankGroup:
         """One all-reduce of six int64s: the OR of the flags and the range of the steps."""
         flags = [int(refused), int(failed), int(force), int(preempted), step, -step]
         values = torch.tensor(flags, dtype=torch.int64, device=self._device)
-        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.pg)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self._host_pg)
         out = values.tolist()
         return Agreement(
             refused=bool(out[0]), failed=bool(out[1]), force=bool(out[2]),
@@ -144,7 +163,7 @@ class RankGroup:
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (the others pass None)."""
         box = [obj]
-        dist.broadcast_object_list(box, group=self.pg, group_src=0, device=self._device)
+        dist.broadcast_object_list(box, src=self._src, group=self._host_pg, device=self._device)
         return box[0]
 
     def _key(self, n: int, what: str) -> str:

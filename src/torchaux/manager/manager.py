@@ -19,11 +19,9 @@ ecosystem-anchors.md §3):
 Every failure - of a save, of the pointer update or of a deletion - is raised
 by the handle, or by the next ``save``, ``wait_until_finished`` or ``close``.
 
-With a process group (``process_group=``; by default when torch.distributed
-runs more than one rank) every rank calls ``save`` and ``restore``: the step
-is a :mod:`torchaux.distributed` checkpoint of every rank's shards, rank 0
-publishes it, updates ``latest`` and runs retention (:mod:`.sharded`), and
-the ranks agree on every decision (:mod:`.group`).
+With a process group every rank calls ``save``/``restore``; a step is then a
+:mod:`torchaux.distributed` checkpoint published by rank 0 (:mod:`.sharded`),
+and the ranks agree on every decision (:mod:`.group`).
 """
 
 from __future__ import annotations
@@ -179,7 +177,7 @@ class CheckpointManager:
         """
         if self._closed:
             raise SaveClosedError("this CheckpointManager is closed; create a new one to save")
-        if self._sharded is not None:
+        if self._sharded is not None:  # every rank reaches one all-reduce, whatever its arguments
             return self._save_sharded(step, state, metrics, force)
         info = self._check_call(step, metrics, force)
         self._work.raise_failure()
@@ -211,7 +209,6 @@ class CheckpointManager:
     def _save_sharded(
         self, step: int, state: Any, metrics: Mapping[str, Any] | None, force: bool
     ) -> SaveHandle | None:
-        # Every rank reaches the one all-reduce whatever its arguments (group.py).
         assert self._sharded is not None
         refused: BaseException | None = None
         try:
@@ -224,10 +221,8 @@ class CheckpointManager:
         )
         if agreed.failed:
             self.wait_until_finished()  # raises this rank's copy of the failure
-            raise CheckpointError(
-                "an earlier save or its retention failed on another rank (that rank raised it); "
-                "this rank raises too so that no rank waits for the others"
-            )
+            raise CheckpointError("an earlier save or its retention failed on another rank, which "
+                                  "raised it; this rank raises too, so that none waits for the others")
         if not (agreed.force or agreed.preempted or self._save_policy.should_save(step)):
             return None
         handle = self._sharded.save(info, state, self._work, self._after_commit)
@@ -272,8 +267,7 @@ class CheckpointManager:
                 self._infos.pop(target, None)
 
     def _finished(self, done: Future[Any], inner: SaveHandle, handle: SaveHandle) -> None:
-        # The writer thread, when the engine's handle resolves.  The failure now
-        # belongs to the manager's handle: the engine's one is marked observed.
+        # The writer thread: the failure now belongs to the manager's handle.
         exc = inner.exception()
         if exc is not None:
             if not handle.staged.done():
@@ -282,8 +276,6 @@ class CheckpointManager:
             return
         self._work.put(self._after_commit)
         handle.committed.set_result(handle.target)
-
-    # -- background work --------------------------------------------------------
 
     def _after_commit(self) -> None:
         committed = self._store.committed()
