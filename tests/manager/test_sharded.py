@@ -73,13 +73,6 @@ def test_one_process_restores_the_two_rank_step_resharded(first_run: Path) -> No
         assert torch.equal(expected["tp"], plain["tp"])
 
 
-def test_process_group_argument_is_checked(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="not initialised"):
-        torchaux.CheckpointManager(tmp_path / "run", process_group=True)
-    with pytest.raises(TypeError, match="ProcessGroup"):
-        torchaux.CheckpointManager(tmp_path / "run", process_group="world")
-
-
 def test_distributed_steps_refuse_an_object_store(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
