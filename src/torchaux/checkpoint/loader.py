@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from torchaux.checkpoint.formats.fill import (
-    BufferSource, FileSource, Source, Target, checksum, fill, storage_view,
+    BufferSource, FileSource, Source, Target, allocate, checksum, fill, storage_view,
 )
 from torchaux.checkpoint.formats.torch_save.reader import read_zip, unpickle
 from torchaux.errors import DecryptionError, IntegrityError, UnsupportedFormatError
@@ -155,7 +155,7 @@ def read_safetensors_entries(
         if mapped is not None:
             storage = mapped[begin:end]
         else:
-            storage = torch.UntypedStorage(end - begin)
+            storage = allocate(end - begin)
             if end > begin:
                 targets.append(Target(begin, storage_view(storage)))
         storages.append(storage)

@@ -63,3 +63,13 @@ def test_wrong_key(tmp_path: Path) -> None:
     _write(tmp_path / "e", b"x" * 100, "AES-GCM")
     with open(tmp_path / "e", "rb") as f, pytest.raises(DecryptionError, match="wrong key"):
         EncryptedSource(f.fileno(), "e", bytes(16), "AES-GCM")
+
+
+@pytest.mark.parametrize("mode", ["AES-GCM", "AES-CBC", "SM4-CBC"])
+def test_peek_decrypts_any_range_like_read(tmp_path: Path, mode: str) -> None:
+    data = os.urandom(6 * CHUNK + 5)
+    _write(tmp_path / "e", data, mode)
+    with open(tmp_path / "e", "rb") as f:
+        src = EncryptedSource(f.fileno(), "e", KEY, mode)
+        for at, n in [(0, 30), (17, 30), (CHUNK - 7, 30), (2 * CHUNK + 33, 1), (5 * CHUNK, CHUNK + 5)]:
+            assert src.peek(at, n) == data[at : at + n], (at, n)

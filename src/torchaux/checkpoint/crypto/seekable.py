@@ -29,6 +29,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from torchaux.checkpoint.crypto import header as _header
 from torchaux.checkpoint.crypto.chunks import cipher_for
@@ -161,6 +162,42 @@ class EncryptedSource:
             piece = self._plain(index)[skip : skip + end - at]
             parts.append(piece)
             at += len(piece)
+        return b"".join(parts)
+
+    def peek(self, offset: int, n: int) -> bytes:
+        """``n`` plaintext bytes from ``offset`` *not yet authenticated* (layout planning only).
+
+        Local zip headers sit in every chunk; opening a whole chunk for 30
+        bytes would decrypt the file twice.  This decrypts just the blocks
+        asked for (GCM: the CTR keystream from counter 2 + block; CBC: from
+        the previous ciphertext block).  Callers must run :func:`fill` over the
+        source, which verifies every chunk, before they return anything.
+        """
+        from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+        if offset < 0 or n < 0 or offset + n > self.size:
+            return self.read(offset, n)  # raises the out-of-range error
+        parts, at, end = [], offset, offset + n
+        while at < end:
+            index, skip = divmod(at, self._chunk)
+            take = min(end - at, self._chunk - skip)
+            with self._lock:
+                cached = self._cache.get(index)
+            if cached is not None or index == self._final:
+                parts.append(self._plain(index)[skip : skip + take])
+            else:
+                first, last = skip // 16, (skip + take - 1) // 16
+                base = self._start + index * self._cipher.full_record
+                if self.aead:  # ciphertext at the record start; J0 = nonce || 1, data from 2
+                    data = os.pread(self.fd, 16 * (last - first + 1), base + 16 * first)
+                    nonce = self._cipher._prefix + index.to_bytes(8, "big")  # type: ignore[attr-defined]
+                    mode: Any = modes.CTR(nonce + (2 + first).to_bytes(4, "big"))
+                else:  # record = IV || blocks: block j decrypts with block j - 1 as IV
+                    data = os.pread(self.fd, 16 * (last - first + 2), base + 16 * first)
+                    mode, data = modes.CBC(data[:16]), data[16:]
+                plain = Cipher(self._cipher._algorithm, mode).decryptor().update(data)  # type: ignore[attr-defined]
+                parts.append(plain[skip - 16 * first : skip - 16 * first + take])
+            at += take
         return b"".join(parts)
 
     def jobs(self, targets: Sequence[Target]) -> list[Callable[[], list[Placed]]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple, Protocol
@@ -27,7 +28,7 @@ from torchaux.errors import IntegrityError
 
 __all__ = [
     "Target", "Placed", "Source", "FileSource", "BufferSource", "fill", "checksum", "crc32_combine",
-    "default_workers", "storage_view", "PIECE_BYTES", "THREAD_NAME_PREFIX",
+    "default_workers", "allocate", "storage_view", "PIECE_BYTES", "THREAD_NAME_PREFIX",
 ]
 
 #: Bytes one job of a plain file reads (one ``preadv``).  8 MiB: large enough that
@@ -75,6 +76,34 @@ def default_workers() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(_MIN_WORKERS, min(cores, _MAX_WORKERS))
+
+
+_HUGE = 2 << 20  # x86-64 and aarch64 (4 KiB base pages) transparent huge page size
+_MADV_HUGEPAGE = 14  # <asm-generic/mman-common.h>
+_libc: Any = None
+
+
+def allocate(nbytes: int) -> torch.UntypedStorage:
+    """An uninitialised CPU storage, advised to use transparent huge pages (Linux).
+
+    Filling fresh memory is bound by page faults: a 256 MiB storage faulted in
+    4 KiB pages took 0.33 s, with ``MADV_HUGEPAGE`` 0.05-0.08 s (2-core
+    reference VM, THP mode ``madvise``, 2026-12-02; ``torch.UntypedStorage`` then
+    ``fill_``).  The advice is only a hint: where it is refused, nothing changes.
+
+    >>> allocate(10).nbytes()
+    10
+    """
+    global _libc
+    storage = torch.UntypedStorage(nbytes)
+    if nbytes >= 2 * _HUGE and sys.platform == "linux":
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        start = -(-storage.data_ptr() // _HUGE) * _HUGE
+        length = (storage.data_ptr() + nbytes - start) // _HUGE * _HUGE
+        if length > 0:
+            _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_HUGEPAGE)
+    return storage
 
 
 def storage_view(storage: torch.UntypedStorage) -> memoryview:
