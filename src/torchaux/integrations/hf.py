@@ -174,7 +174,8 @@ class AsyncSaveCallback(TrainerCallback):  # type: ignore[misc]
         step = state.global_step
         final = os.path.join(args.output_dir, f"checkpoint-{step}")
         staging_dir = os.path.join(args.output_dir, f"{STAGING_PREFIX}checkpoint-{step}")
-        remove_tree(staging_dir)
+        if os.path.lexists(staging_dir):  # a save of this step that never published
+            remove_tree(staging_dir)  # (it fsyncs the parent: only when there is something to remove)
         os.makedirs(staging_dir)
         trainer.store_flos()
         # HF records the control flags of the save step itself in trainer_state.json.
