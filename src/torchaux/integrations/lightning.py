@@ -13,6 +13,9 @@ Lightning's own ``AsyncCheckpointIO`` (ecosystem-anchors.md §1):
   nobody has seen yet, instead of only the next save;
 * ``on_committed(path)`` runs once the file is durable: the "save finished"
   hook Lightning lacks (#19414);
+* ``s3://`` URLs (``dirpath="s3://bucket/run"``) are written with one atomic
+  multipart upload (:mod:`torchaux.checkpoint.storage.remote`); fsspec
+  ``storage_options`` come per call or once, ``TorchauxCheckpointIO(storage_options=...)``;
 * files are ordinary Lightning checkpoints (byte-for-byte torch.save, written
   atomically), so ``Trainer.fit(ckpt_path=...)`` and ``load_from_checkpoint``
   read them without torchaux (unless ``enc_key`` or ``crc_check`` is given).
@@ -33,6 +36,7 @@ from torch.serialization import DEFAULT_PROTOCOL
 from torchaux.checkpoint.api import save_async
 from torchaux.checkpoint.engine import staging
 from torchaux.checkpoint.engine.saver import AsyncSaver, SaveHandle
+from torchaux.checkpoint.storage import remote
 from torchaux.checkpoint.storage.commit import atomic_write
 from torchaux.checkpoint.storage.directory import remove_tree
 
@@ -70,6 +74,9 @@ class TorchauxCheckpointIO(_Base):  # type: ignore[misc,valid-type]
             exception it raises is re-raised at the next checkpoint hook.
         saver: the :class:`torchaux.AsyncSaver` to write with (default: one of
             its own, holding one save in flight).
+        storage_options: fsspec options for ``s3://`` paths when a call gives
+            none (``ModelCheckpoint`` never does), e.g. ``{"client_kwargs":
+            {"endpoint_url": ...}}``; needs ``torchaux[s3]``.
 
     Example:
         >>> import os, torch
@@ -90,6 +97,7 @@ class TorchauxCheckpointIO(_Base):  # type: ignore[misc,valid-type]
         crc_check: bool = False,
         on_committed: Callable[[str], object] | None = None,
         saver: AsyncSaver | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         from torchaux.checkpoint.save import _check_encryption
 
@@ -104,7 +112,10 @@ class TorchauxCheckpointIO(_Base):  # type: ignore[misc,valid-type]
         if saver is not None and not isinstance(saver, AsyncSaver):
             raise TypeError(f"saver must be a torchaux.AsyncSaver or None, got {type(saver).__name__}")
         _check_encryption(enc_key, enc_mode)
+        if storage_options is not None:
+            remote.check_storage_options(storage_options, "s3://bucket/key")  # a dict of str keys
         super().__init__()
+        self.storage_options = storage_options
         self.async_save = async_save
         self.enc_key = enc_key
         self.enc_mode = enc_mode
@@ -136,17 +147,18 @@ class TorchauxCheckpointIO(_Base):  # type: ignore[misc,valid-type]
         Raises:
             TypeError: ``checkpoint`` is not a dict, or ``storage_options`` was
                 given for a local path (as Lightning's ``TorchCheckpointIO``).
-            ValueError: ``path`` is not a local path.
+            ValueError: ``path`` is a URL of a store other than S3.
             Exception: an earlier save's (or ``on_committed``'s) failure.
         """
         if not isinstance(checkpoint, dict):
             raise TypeError(f"checkpoint must be a dict, got {type(checkpoint).__name__}")
-        target = self._local_path(path, storage_options)
+        target, options = self._target(path, storage_options)
         self._raise_failures()
-        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if not remote.is_url(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
         saver = self._get_saver()
         try:
-            handle = self._submit(saver, checkpoint, target)
+            handle = self._submit(saver, checkpoint, target, options)
         except BaseException as exc:
             # The saver re-raises an unobserved earlier failure here; it now counts as reported.
             self._mark_reported(exc)
@@ -169,29 +181,36 @@ class TorchauxCheckpointIO(_Base):  # type: ignore[misc,valid-type]
         """Wait for a pending save of ``path``, then load it like Lightning's ``TorchCheckpointIO``."""
         import io
 
-        target = self._local_path(path, kwargs.pop("storage_options", None))
+        target, options = self._target(path, kwargs.pop("storage_options", None))
         self._wait_path(target)
         self._raise_failures()
-        if not os.path.isfile(target):
+        is_url = remote.is_url(target)
+        if not is_url and not os.path.isfile(target):
             raise FileNotFoundError(f"Checkpoint file not found: {target}")
         location = _cpu if map_location is None else map_location
         if self.enc_key is None and not self.crc_check:
-            with open(target, "rb") as f:
+            with remote.open_for_read(target, options) if is_url else open(target, "rb") as f:
                 return torch.load(f, map_location=location, weights_only=weights_only)
         from torchaux.checkpoint.formats.torch_save import integrity
         from torchaux.checkpoint.load import _read_plain
 
-        data = _read_plain(target, self.enc_key, self.enc_mode)
+        data = _read_plain(target, self.enc_key, self.enc_mode, storage_options=options)
         if self.crc_check:
             integrity.verify_zip_crc(data, target)
         return torch.load(io.BytesIO(data), map_location=location, weights_only=weights_only)
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Wait for a pending save of ``path``, then delete the file (or folder)."""
-        target = self._local_path(path, None)
+        target, options = self._target(path, None)
         self._wait_path(target)
         self._raise_failures()
-        remove_tree(target)
+        if remote.is_url(target):
+            fs, key = remote.filesystem(target, options)
+            fs.invalidate_cache()
+            if fs.exists(key):
+                fs.rm(key, recursive=True)
+        else:
+            remove_tree(target)
 
     def teardown(self) -> None:
         """Wait for every pending save; raise the first failure nobody has seen.
@@ -217,15 +236,19 @@ class TorchauxCheckpointIO(_Base):  # type: ignore[misc,valid-type]
                 self._saver = AsyncSaver(name="torchaux-lightning-writer")
             return self._saver
 
-    def _submit(self, saver: AsyncSaver, checkpoint: dict[str, Any], target: str) -> SaveHandle:
+    def _submit(self, saver: AsyncSaver, checkpoint: dict[str, Any], target: str,
+                options: dict[str, Any] | None) -> SaveHandle:
         if self.enc_key is None and not self.crc_check:
-            return save_async(checkpoint, target, saver=saver)
+            return save_async(checkpoint, target, saver=saver, storage_options=options)
         import functools
 
         from torchaux.checkpoint.save import WriteSpec
 
         sink = saver.sink
-        if sink is atomic_write:
+        if remote.is_url(target):
+            remote.check_target(target, options, "TorchauxCheckpointIO.save_checkpoint")
+            sink = remote.sink_for(target, sink, options)
+        elif sink is atomic_write:
             sink = functools.partial(atomic_write, mode=0o600)
         spec = WriteSpec(
             format="ckpt", path=target, sink=sink, enc_key=self.enc_key, enc_mode=self.enc_mode,
@@ -241,25 +264,24 @@ class TorchauxCheckpointIO(_Base):  # type: ignore[misc,valid-type]
             raise
         return saver.submit(snapshot, spec, target)
 
-    @staticmethod
-    def _local_path(path: object, storage_options: Any) -> str:
+    def _target(self, path: object, storage_options: Any) -> tuple[str, dict[str, Any] | None]:
+        """``(local real path or URL, fsspec options for a URL)``."""
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"checkpoint path must be a str or os.PathLike, got {type(path).__name__}")
         text = os.fsdecode(path)
-        if "://" in text and not text.startswith("file://"):
-            raise ValueError(
-                f"TorchauxCheckpointIO writes local paths only; got {text!r}. Remote storage "
-                "(fsspec URLs with storage_options) is not supported yet: save to a local "
-                "directory, or use Lightning's TorchCheckpointIO for remote paths"
-            )
+        if remote.is_url(text) and not text.startswith("file://"):
+            given = self.storage_options if storage_options is None else storage_options
+            options = remote.check_storage_options(given, text) or None
+            remote.filesystem(text, options)  # S3 only: a clear error for other stores
+            return text, options
         if storage_options is not None:
             raise TypeError(
-                "storage_options only apply to remote (fsspec) paths, which TorchauxCheckpointIO "
-                f"does not support yet; got storage_options for the local path {text!r}"
+                "storage_options only apply to remote URLs such as 's3://bucket/run/x.ckpt'; "
+                f"got storage_options for the local path {text!r}: drop them"
             )
         if text.startswith("file://"):
             text = text[len("file://"):]
-        return os.path.realpath(str(Path(text).expanduser()))
+        return os.path.realpath(str(Path(text).expanduser())), None
 
     def _on_done(self, target: str, handle: SaveHandle, fut: Any) -> None:
         # Runs on the writer thread once the save committed or failed.
