@@ -348,3 +348,90 @@ def test_failed_finish_leaves_no_thread_behind(
     g.abort()
     with pytest.raises(ValueError, match="aborted"):
         g.finish()
+
+
+# -- write_retained: staged buffers written in place ------------------------------------
+
+
+def _aligned_buffer(n: int, shift: int = 0) -> tuple[object, memoryview, int]:
+    """A mapping holding the payload ``shift`` bytes past a page boundary: (mapping, view, address)."""
+    import ctypes
+    import mmap
+
+    m = mmap.mmap(-1, n + shift + 1)
+    m[shift : shift + n] = _payload(n)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(m)) + shift
+    return m, memoryview(m)[shift : shift + n], address
+
+
+@pytest.mark.parametrize("head", [0, 64, ALIGNMENT - 1, ALIGNMENT + 100])
+@pytest.mark.parametrize("size", [(1 << 20) + 8192, (3 << 20) + 17])
+def test_write_retained_writes_exact_bytes_in_place(
+    fd_path: tuple[int, pathlib.Path], monkeypatch: pytest.MonkeyPatch, head: int, size: int
+) -> None:
+    """Bytes before, the retained record and bytes after land exactly; the aligned middle is not copied."""
+    fd, path = fd_path
+    _direct_fd(fd)
+    queued: list[tuple[type, int]] = []
+    real_queue = DirectFile._queue
+
+    def spy(self: DirectFile, buf: object, n: int) -> None:
+        queued.append((type(buf), n))
+        real_queue(self, buf, n)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DirectFile, "_queue", spy)
+    # The record sits in memory at the same offset modulo 4096 as in the file.
+    m, view, address = _aligned_buffer(size, shift=head % ALIGNMENT)
+    prefix = (bytes(range(256)) * (head // 256 + 1))[:head]
+    f = DirectFile(fd, buffer_bytes=1 << 20)
+    f.write(prefix)
+    assert f.write_retained(view, address) == size
+    f.write(b"tail")
+    f.finish()
+    data = path.read_bytes()
+    assert data == prefix + bytes(view) + b"tail"
+    in_place = [n for kind, n in queued if kind is memoryview]
+    assert in_place and all(n % ALIGNMENT == 0 for n in in_place)
+    assert sum(in_place) >= size - 2 * ALIGNMENT
+    view.release()
+    m.close()  # no view of the caller's buffer is left behind (BufferError otherwise)
+
+
+def test_write_retained_copies_when_the_address_is_not_congruent(fd_path: tuple[int, pathlib.Path]) -> None:
+    """A buffer whose address does not match the file position modulo 4096 is copied, and still exact."""
+    fd, path = fd_path
+    _direct_fd(fd)
+    m, view, address = _aligned_buffer(2 << 20)
+    f = DirectFile(fd, buffer_bytes=1 << 20)
+    f.write(b"x" * 100)
+    f.write_retained(view, address)  # file position 100, address % 4096 == 0: not congruent
+    f.finish()
+    assert path.read_bytes() == b"x" * 100 + bytes(view)
+    view.release()
+    m.close()
+
+
+def test_write_retained_failure_reaches_the_caller_and_keeps_errno(
+    fd_path: tuple[int, pathlib.Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC while writing a retained buffer in place is raised with its errno (it survives pickling)."""
+    import pickle
+
+    fd, _ = fd_path
+    monkeypatch.setattr(direct_io, "_write_all", _failing_write_all(0, errno.ENOSPC))
+    m, view, address = _aligned_buffer(4 << 20)
+    f = DirectFile(fd, buffer_bytes=1 << 20)
+    with pytest.raises(OSError, match="failed in the background") as info:
+        f.write_retained(view, address)
+        f.finish()
+    assert info.value.errno == errno.ENOSPC
+    assert pickle.loads(pickle.dumps(info.value)).errno == errno.ENOSPC
+    f.abort()
+    # The error's traceback holds views of the buffer until the error is dropped
+    # (as for any exception); once it and the file are gone, nothing exports it.
+    del info, f
+    import gc
+
+    gc.collect()  # exceptions with tracebacks form cycles
+    view.release()
+    m.close()  # nothing of DirectFile still exports the caller's buffer

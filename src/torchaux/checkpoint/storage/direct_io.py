@@ -42,6 +42,9 @@ ALIGNMENT = 4096
 # device busy while the caller fills a third (measured: more gains nothing).
 _QUEUE_DEPTH = 2
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+# write_retained() sends bytes to the disk in place from this size on; below it
+# the copy into an aligned buffer is cheaper than the extra hand-offs.
+_RETAINED_MIN_BYTES = 1 << 20
 
 # Buffers of finished files, kept for the next file: one file's worth, so each
 # save after the first writes into memory that is already faulted in (a fresh
@@ -133,7 +136,10 @@ class DirectFile:
         self._fill = 0
         self._reserved = 0
         self._direct = True
-        self._todo: queue.Queue[tuple[mmap.mmap, int] | None] = queue.Queue(_QUEUE_DEPTH)
+        # (buffer, bytes to write); a buffer is an mmap of ours (recycled) or a
+        # caller's memoryview from write_retained (released once written)
+        self._todo: queue.Queue[tuple[mmap.mmap | memoryview, int] | None] = queue.Queue(_QUEUE_DEPTH)
+        self._handed = 0  # bytes queued to the thread so far (the file offset of self._current)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._state = "open"
@@ -178,6 +184,32 @@ class DirectFile:
             pos += k
             if self._fill == self._size:
                 self._hand_off()
+        return n
+
+    #: Record alignment at which :meth:`write_retained` avoids the copy (page-aligned buffers).
+    RETAINED_ALIGNMENT = ALIGNMENT
+
+    def write_retained(self, data: memoryview, address: int) -> int:
+        """Write ``data``, which the caller keeps alive and unchanged until :meth:`finish` or :meth:`abort`.
+
+        ``address`` is where ``data`` starts in memory.  When it is congruent
+        with the file position modulo :data:`ALIGNMENT` (a page-aligned staging
+        buffer at an aligned record, ``formats/torch_save/writer.py``), the
+        aligned middle goes to the disk straight from ``data``: no copy.  Else,
+        and for the unaligned head and tail, as :meth:`write`.
+        """
+        self._check()
+        src = memoryview(data).cast("B")
+        n = len(src)
+        head = -(self._handed + self._fill) % ALIGNMENT
+        if n - head < _RETAINED_MIN_BYTES or (address + head) % ALIGNMENT:
+            return self.write(src)
+        self.write(src[:head])
+        if self._fill:
+            self._hand_off()  # the position is aligned now: no tail to carry
+        middle = (n - head) // ALIGNMENT * ALIGNMENT
+        self._queue(src[head : head + middle], middle)
+        self.write(src[head + middle :])
         return n
 
     def reserve(self, n: int) -> memoryview | None:
@@ -251,10 +283,14 @@ class DirectFile:
     def _check(self) -> None:
         if self._error is not None:
             self._state = "failed"
-            raise OSError(
+            message = (
                 f"writing the checkpoint file failed in the background ({self._error!r}); the "
                 "file is incomplete and will not be committed"
-            ) from self._error
+            )
+            # The cause's errno on the error itself: it survives pickling (a process
+            # saver's child sends its errors to the parent without their __cause__).
+            code = getattr(self._error, "errno", None)
+            raise (OSError(code, message) if code else OSError(message)) from self._error
         if self._state != "open":
             raise ValueError(f"write to a {self._state} DirectFile")
 
@@ -269,19 +305,24 @@ class DirectFile:
                 buf = self._free.get()  # wait for the thread to finish one
         self._current, self._view, self._fill = buf, memoryview(buf), 0
 
-    def _hand_off(self) -> None:
-        """Queue the current buffer's aligned bytes; carry the rest (< 4 KiB) to a new buffer."""
+    def _queue(self, buf: mmap.mmap | memoryview, n: int) -> None:
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._run, name="torchaux-direct-io", daemon=True
             )
             self._thread.start()
+        self._todo.put((buf, n))
+        self._handed += n
+
+    def _hand_off(self) -> None:
+        """Queue the current buffer's aligned bytes; carry the rest (< 4 KiB) to a new buffer."""
         assert self._current is not None and self._view is not None
         aligned = self._fill - self._fill % ALIGNMENT
         tail = bytes(self._view[aligned : self._fill])
         self._view.release()
-        self._todo.put((self._current, aligned))
+        current = self._current
         self._current, self._view, self._fill = None, None, 0
+        self._queue(current, aligned)
         self._check()
         if tail:
             self._take_buffer()
@@ -302,7 +343,10 @@ class DirectFile:
                         self._write(view[:n])
                 except BaseException as exc:  # noqa: BLE001 - raised by the producer's next call
                     self._error = exc
-            self._free.put(buf)
+            if isinstance(buf, memoryview):
+                buf.release()  # the caller's (write_retained): never reused here
+            else:
+                self._free.put(buf)
 
     def _write(self, view: memoryview) -> None:
         if not view:

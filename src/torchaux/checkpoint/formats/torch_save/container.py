@@ -181,6 +181,18 @@ class TorchZipWriter:
             view = view[n:]
         self._pos += total
 
+    def _write_data(self, view: memoryview, address: int | None) -> None:
+        retained = getattr(self._f, "write_retained", None) if address is not None else None
+        if retained is None:
+            self._write(view)
+            return
+        retained(view, address)
+        self._pos += len(view)
+
+    def zero_copy_alignment(self) -> int | None:
+        """The record alignment that lets the file object write staged buffers in place, if any."""
+        return getattr(self._f, "RETAINED_ALIGNMENT", None)
+
     def write_record_skipped(self, name: str, size: int) -> None:
         """Append a member of ``size`` zero bytes with CRC 0 (torch.save under ``skip_data``).
 
@@ -195,8 +207,14 @@ class TorchZipWriter:
             self._write(zeros[: min(_CHUNK, size - i)])
         self._end(full, offset, size, 0, flags, zip64)
 
-    def write_record(self, name: str, data: bytes | memoryview) -> None:
-        """Append one member ``<archive>/<name>`` holding ``data``."""
+    def write_record(self, name: str, data: bytes | memoryview, *, address: int | None = None) -> None:
+        """Append one member ``<archive>/<name>`` holding ``data``.
+
+        ``address``: where ``data`` lives in memory, given when it stays alive
+        and unchanged until the file is finished (a staged buffer); a file
+        object with ``write_retained`` (:class:`~torchaux.checkpoint.storage.direct_io.DirectFile`)
+        then writes it without copying it.
+        """
         view = memoryview(data).cast("B")
         size = len(view)
         full, offset, flags, zip64 = self._begin(name, size)
@@ -209,12 +227,12 @@ class TorchZipWriter:
             if concurrent is not None:
                 # One call: a consumer that cuts its own chunks (the encrypting
                 # writer) then splits a partial chunk once per member, not per piece.
-                self._write(view)
+                self._write_data(view, address)
             for i in range(0, size if concurrent is None else 0, _CHUNK):
                 chunk = view[i : i + _CHUNK]
                 if self._crc:
                     crc = crc32(chunk, crc)
-                self._write(chunk)
+                self._write_data(chunk, None if address is None else address + i)
         finally:
             if concurrent is not None:  # never leave a thread reading a buffer we give back
                 crc = concurrent.result()

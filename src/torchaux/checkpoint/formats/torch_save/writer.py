@@ -7,7 +7,9 @@ The records and their order are those of torch/serialization.py ``_save`` and
 every storage, ``version`` and ``.data/serialization_id``.  The output loads
 with plain ``torch.load`` (``weights_only=True`` where the object allows it,
 ``mmap=True`` too) and is byte-identical to ``torch.save``'s apart from the
-serialization id (see :mod:`torchaux.checkpoint.formats.torch_save.container`).
+serialization id (see :mod:`torchaux.checkpoint.formats.torch_save.container`);
+a large state written with direct I/O is torch.save's file for storage
+alignment 4096 (:func:`_alignment`).
 """
 
 from __future__ import annotations
@@ -88,6 +90,32 @@ def archive_name_for(path: str | None) -> str:
     return stem or "archive"
 
 
+# Records are aligned for in-place writes only when the padding costs at most
+# 1/_PADDING_SHARE of the data (10^5 tiny tensors would otherwise gain 400 MB).
+_PADDING_SHARE = 100
+
+
+def _alignment(snapshot: Snapshot, fileobj: IO[bytes], configured: int) -> int:
+    """The storage alignment of this file: torch's setting, or the file's in-place alignment.
+
+    A direct-I/O file (``RETAINED_ALIGNMENT`` = 4096) writes a page-aligned
+    staging buffer straight to the disk when the record starts at a 4096-byte
+    offset; at torch's default 64 it must first copy it into an aligned buffer
+    (0.08 s of the writer's CPU per GiB here, docs/benchmarks.md §8).  The file
+    is then exactly what ``torch.save`` writes with
+    ``torch.utils.serialization.config.save.storage_alignment = 4096``: the
+    ``.storage_alignment`` record says 4096 and torch.load (also with
+    ``config.load.calculate_storage_offsets``) reads it.
+    """
+    in_place = getattr(fileobj, "RETAINED_ALIGNMENT", None)
+    if in_place is None or configured != 64 or snapshot.skip_data:
+        return configured
+    sizes = [n for _, n in snapshot.sizes()]
+    if sizes and sum(sizes) >= _PADDING_SHARE * in_place * len(sizes):
+        return int(in_place)
+    return configured
+
+
 def write_torch_save(
     snapshot: Snapshot,
     fileobj: IO[bytes],
@@ -114,7 +142,8 @@ def write_torch_save(
     storage records written as zeros of the right size with CRC 0, as torch.save.
     """
     opts = options if options is not None else capture_options()
-    alignment = opts.storage_alignment
+    alignment = _alignment(snapshot, fileobj, opts.storage_alignment)
+    in_place = alignment == getattr(fileobj, "RETAINED_ALIGNMENT", None)
     writer = TorchZipWriter(
         fileobj, archive_name=archive_name, alignment=alignment,
         compute_crc=content_crc or opts.compute_crc32,
@@ -129,7 +158,8 @@ def write_torch_save(
             writer.write_record_skipped(f"data/{key}", nbytes)
     else:
         for key, storage in snapshot.records():
-            writer.write_record(f"data/{key}", storage_view(storage))
+            address = storage.data_ptr() if in_place and storage.nbytes() else None
+            writer.write_record(f"data/{key}", storage_view(storage), address=address)
     writer.write_record("version", FILE_FORMAT_VERSION.encode())
     if disable_byteorder_record:
         # torch 2.13's zip writer adds the record itself at the end when the
