@@ -114,9 +114,12 @@ def _add_checkpoint_commands(sub: Any) -> None:
         help="show a checkpoint's format, encryption, CRC and entries",
         description="Show a checkpoint's format, encryption, CRC and a table of entries "
         "(name, dtype, shape, bytes). An encrypted file shows only its envelope unless its "
-        "key is given.",
+        "key is given. A directory is a distributed (DCP) checkpoint: ranks, data files, "
+        "tensors with global shapes and shard layout, checksums and encryption, read from its "
+        "metadata (no key needed).",
     )
-    inspect.add_argument("file", metavar="FILE")
+    inspect.add_argument("file", metavar="PATH",
+                         help="a checkpoint file, or a distributed checkpoint directory")
     _common(inspect)
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.set_defaults(func=_inspect, checked=True)
@@ -126,12 +129,15 @@ def _add_checkpoint_commands(sub: Any) -> None:
         help="exit 0 only if a checkpoint is complete and intact",
         description="Decrypt and authenticate every chunk (encrypted files), check every CRC "
         "the file records and parse it. Exit status: 0 intact, 1 not (reason on stderr), 2 "
-        "usage error (including an encrypted file without a key).",
+        "usage error (including an encrypted file without a key). A directory is a distributed "
+        "checkpoint: its metadata, every data file and every chunk's checksum are checked; "
+        "encrypted chunks are decrypted only with a key (without one, the summary says so).",
     )
-    verify.add_argument("file", metavar="FILE")
+    verify.add_argument("file", metavar="PATH",
+                        help="a checkpoint file, or a distributed checkpoint directory")
     _common(verify)
     verify.add_argument("--require-crc", action="store_true",
-                        help="also fail if the file records no CRC")
+                        help="also fail if the file (or directory) records no CRC/checksums")
     verify.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     verify.set_defaults(func=_verify, checked=True)
 
