@@ -232,10 +232,6 @@ def test_every_crash_state_resumes_from_a_complete_step(
     assert bad == [], (verdicts, bad[:5])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LocalStore.__init__ creates the run directory (os.makedirs) but never fsyncs its parent: "
-    "a power loss after the first save returned can drop the whole run (fix in local_store.py: "
-    "fsync the parent of each directory makedirs created)"))
 def test_first_save_survives_a_power_loss_after_it_returned(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

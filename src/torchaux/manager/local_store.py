@@ -21,7 +21,7 @@ import os
 from collections.abc import Collection, Iterator
 from typing import BinaryIO
 
-from torchaux.checkpoint.storage.commit import TEMP_MARKER, atomic_write
+from torchaux.checkpoint.storage.commit import TEMP_MARKER, atomic_write, fsync_directory
 from torchaux.checkpoint.storage.directory import publish_directory, remove_stale, remove_tree
 from torchaux.checkpoint.storage.retire import make_temp_dir, retire_directory
 from torchaux.manager.steps import (
@@ -36,6 +36,26 @@ from torchaux.manager.steps import (
 )
 
 __all__ = ["LocalStore"]
+
+
+def _make_durable_dirs(path: str) -> None:
+    """``os.makedirs(path, exist_ok=True)``, then fsync the parent of every folder it created.
+
+    Without it a power loss after the first save returned could drop the new
+    run directory's entry, and the run with it
+    (tests/manager/test_manager_crash_states.py).
+    """
+    missing = []
+    head = path
+    while not os.path.isdir(head):
+        missing.append(head)
+        parent = os.path.dirname(head)
+        if parent == head:
+            break
+        head = parent
+    os.makedirs(path, exist_ok=True)
+    for created in missing:  # deepest first; each parent now holds its entry
+        fsync_directory(os.path.dirname(created))
 
 
 class LocalStore:
@@ -59,7 +79,7 @@ class LocalStore:
                 f"checkpoint directory {path!r} exists and is not a directory; pass a folder"
             )
         try:
-            os.makedirs(path, exist_ok=True)
+            _make_durable_dirs(path)
         except OSError as exc:
             raise ValueError(
                 f"checkpoint directory {path!r} cannot be created ({exc.strerror}); "
