@@ -3,6 +3,7 @@
 * :mod:`~torchaux.distributed.api` - ``save_async``, ``save``, ``load``, ``load_full``;
 * :mod:`~torchaux.distributed.writer` / :mod:`~torchaux.distributed.reader` - DCP's
   ``StorageWriter`` / ``StorageReader`` interfaces;
+* :mod:`~torchaux.distributed.chunks` - one chunk read in place (no ``torch.load`` copy);
 * :mod:`~torchaux.distributed.stager` - DCP's ``AsyncStager`` on the host pool;
 * :mod:`~torchaux.distributed.commit` - the store vote and the atomic publish;
 * :mod:`~torchaux.distributed.checksums`, :mod:`~torchaux.distributed.metadata`,
