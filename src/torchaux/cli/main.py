@@ -182,7 +182,7 @@ def _bench(args: argparse.Namespace) -> int:
         from torchaux.cli.bench.suites.frameworks import format_frameworks, run_frameworks
 
         print(format_frameworks(run_frameworks(
-            size_mib=args.size_mib or 16, steps=args.steps or 10, every=args.every or 5,
+            size_mib=args.size_mib, steps=args.steps, every=args.every,
             directory=args.dir,
             log=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True) if args.verbose else None,
         )))
