@@ -33,6 +33,10 @@ _DEFAULTS: dict[str, int] = {
     # copying 256 MiB into fresh memory took 0.30 s with 4 KiB pages, 0.073 s
     # with MADV_HUGEPAGE, 0.062 s warm (2-core VM, THP "madvise", 2026-12-02).
     "huge_pages": 1,
+    # Threads that read (and CRC, decrypt) a checkpoint being loaded; 0 =
+    # automatic: the usable cores, at least 2 (a thread waiting on the disk
+    # leaves its core to another's copy) and at most 8.
+    "load_workers": 0,
     # Size of the write buffer between the zip writer and the temp file.  Large
     # records bypass it; it only batches the small header records.
     "write_buffer_bytes": 1 << 20,
@@ -109,6 +113,11 @@ def max_pending_saves() -> int:
 def fsync_enabled() -> bool:
     """Whether commits fsync file and directory (``TORCHAUX_FSYNC``)."""
     return _get("fsync") != 0
+
+
+def load_workers() -> int:
+    """Loading threads, 0 = automatic (``TORCHAUX_LOAD_WORKERS``)."""
+    return max(0, _get("load_workers"))
 
 
 def huge_pages_enabled() -> bool:

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
+from torchaux import _knobs
 from torchaux.checkpoint.crc32 import crc32
 from torchaux.errors import IntegrityError
 
@@ -70,7 +71,10 @@ class Source(Protocol):
 
 
 def default_workers() -> int:
-    """Reading threads: usable cores, at least 2 and at most 8."""
+    """Reading threads: ``TORCHAUX_LOAD_WORKERS``, or usable cores, at least 2 and at most 8."""
+    configured = _knobs.load_workers()
+    if configured:
+        return configured
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
