@@ -26,6 +26,11 @@ from torchaux.errors import IntegrityError, UnsupportedFormatError
 
 __all__ = ["BufferFile", "chunk_tensor", "read_into"]
 
+# Bytes read once at each end of a chunk for parsing its archive: torch.save
+# puts data.pkl and small records before the payload and the version records
+# and the zip directory (under 1 KiB for one tensor) after it.
+_EDGE = 64 << 10
+
 
 class BufferFile(io.RawIOBase):
     """A read-only, seekable file over a buffer (no copy of the whole buffer)."""
@@ -91,10 +96,21 @@ def chunk_tensor(data: memoryview | bytearray) -> torch.Tensor:
 
 
 class _Window(io.RawIOBase):
-    """``[start, start + length)`` of a file descriptor as a read-only seekable file."""
+    """``[start, start + length)`` of a file descriptor as a read-only seekable file.
+
+    The first and last :data:`_EDGE` bytes are read once and served from
+    memory: parsing the archive (records before the payload, the directory
+    after it) then costs two reads instead of one per zip structure.
+    """
 
     def __init__(self, fd: int, start: int, length: int) -> None:
         self._fd, self._start, self._length, self._pos = fd, start, length, 0
+        self._head = self._pread(0, min(length, _EDGE))
+        tail_at = max(0, length - _EDGE)
+        self._tail_at, self._tail = tail_at, self._pread(tail_at, length - tail_at)
+
+    def _pread(self, offset: int, n: int) -> bytes:
+        return os.pread(self._fd, n, self._start + offset) if n else b""
 
     def readable(self) -> bool:
         return True
@@ -113,9 +129,15 @@ class _Window(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
         want = max(0, min(len(view), self._length - self._pos))
-        n = os.preadv(self._fd, [view[:want]], self._start + self._pos) if want else 0
-        self._pos += n
-        return n
+        end = self._pos + want
+        if end <= len(self._head):
+            view[:want] = self._head[self._pos : end]
+        elif self._pos >= self._tail_at:
+            view[:want] = self._tail[self._pos - self._tail_at : end - self._tail_at]
+        elif want:
+            want = os.preadv(self._fd, [view[:want]], self._start + self._pos)
+        self._pos += want
+        return want
 
 
 class _Null:
@@ -147,12 +169,13 @@ def read_into(fd: int, start: int, length: int, dest: torch.Tensor, algorithm: s
         return None
     window = _Window(fd, start, length)
     meta = torch.load(window, map_location="meta", weights_only=True)
+    window.seek(0)
     if type(meta) is not torch.Tensor or meta.dtype != dest.dtype or meta.size() != dest.size():
         return None
     nbytes = dest.numel() * dest.element_size()
     if not meta.is_contiguous() or meta.storage_offset() or meta.untyped_storage().nbytes() != nbytes:
         return None
-    archive = torch._C.PyTorchFileReader(_Window(fd, start, length))
+    archive = torch._C.PyTorchFileReader(window)
     records = set(archive.get_all_records())
     if "byteorder" in records and bytes(archive.get_record("byteorder")) != b"little":
         return None

@@ -16,8 +16,9 @@ step, as DCP asks); ``torchaux.distributed.save_async``; and
 Per method, the largest value over the ranks of:
 
 * stall per save: seconds the training thread spends in the save call, plus
-  any wait for staging before the next optimizer step (DCP's async staging);
-  waiting for the previous save to finish counts too;
+  any wait for staging before the next optimizer step (DCP's async staging:
+  ``staging_completion``; torchaux's ``model=`` fence: the copies the
+  optimizer step makes itself); waiting for the previous save counts too;
 * loop overhead per save: the loop alternates windows of ``every`` steps
   that start with a save and windows without one (same steps and data as
   a run without saves); the mean save window minus the mean no-save window
@@ -156,7 +157,7 @@ def format_distributed(r: dict[str, Any]) -> str:
             f"{m['durable_s']:7.2f}s {m['rss_added_mib']:6.0f}MiB {m['rss_added_x_shard']:4.2f}x "
             f"{m['complete']:>4}/{m['saves']}")
     shard = next(iter(r["methods"].values()))["shard_mib"]
-    lines.append(f"(shard per rank {shard:.0f} MiB; RSS added = peak above the trained state)")
+    lines.append(f"(shard per rank {shard:.0f} MiB; RSS added = peak above a no-save loop's peak)")
     for name, load in r["load"].items():
         lines.append(f"load {name}: dcp.load {load['dcp.load']:.3f}s, torchaux load "
                      f"{load['torchaux load']:.3f}s")

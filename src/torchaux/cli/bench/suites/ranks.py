@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchaux.checkpoint.engine.saver import SaveHandle
+from torchaux.checkpoint.engine.staging import fence_blocked_seconds
 from torchaux.cli.bench.measure import RssSampler, fingerprint
 
 __all__ = ["METHODS", "rank_main", "width_for"]
@@ -199,7 +200,10 @@ def _loop(model: nn.Module, opt: torch.optim.Optimizer, init: list[torch.Tensor]
         _forward_backward(model, width, rank, step + 1)
         if saves is not None:
             saves.fence()
+        blocked = fence_blocked_seconds()
         opt.step()
+        if saves is not None and saves.stalls:  # torchaux's optimizer fence copying what is left
+            saves.stalls[-1] += fence_blocked_seconds() - blocked
         opt.zero_grad()
         if step % every == 0 and window % 2 == 0:
             if saves is not None:
