@@ -619,3 +619,26 @@ def test_save_from_a_signal_handler_while_waiting_for_a_slot(
     assert done == [str(tmp_path / "em.pt")]
     assert regular.wait(WAIT_S) == str(tmp_path / "reg.pt")
     blocker.wait(WAIT_S)
+
+
+def test_prepare_makes_the_first_save_use_warm_buffers(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After prepare(state), the first save takes the very buffers prepare faulted in; none are new."""
+    saver = AsyncSaver()
+    try:
+        state = {"a": torch.randn(1 << 18), "b": torch.arange(10), "c": torch.randn(3, 3)}
+        assert saver.prepare(state) == sum(t.untyped_storage().nbytes() for t in state.values())
+        allocated: list[int] = []
+        real = saver.pool._allocate
+        monkeypatch.setattr(saver.pool, "_allocate", lambda n, p: allocated.append(n) or real(n, p))
+        torchaux.save_async(state, tmp_path / "a.pt", saver=saver).wait(timeout=WAIT_S)
+        assert allocated == []  # negative control below: without prepare, every buffer is new
+        fresh = AsyncSaver()
+        try:
+            monkeypatch.setattr(fresh.pool, "_allocate", lambda n, p: allocated.append(n) or real(n, p))
+            torchaux.save_async(state, tmp_path / "b.pt", saver=fresh).wait(timeout=WAIT_S)
+            assert len(allocated) == 3
+        finally:
+            fresh.close()
+        assert_identical(load(str(tmp_path / "a.pt")), state)
+    finally:
+        saver.close()

@@ -202,6 +202,25 @@ class HostBufferPool:
             raise
         return out  # type: ignore[return-value]
 
+    def warm(self, requests: Sequence[tuple[int, bool]]) -> int:
+        """Allocate buffers for ``requests`` now, touch every page, and keep them; return the bytes.
+
+        The next saves of those sizes copy into faulted-in memory (the cheap
+        first save, :meth:`AsyncSaver.prepare`).
+
+        >>> pool = HostBufferPool()
+        >>> pool.warm([(1 << 20, False)]), pool.cached_bytes()
+        (1048576, 1048576)
+        """
+        buffers = self.acquire_many(requests)
+        try:
+            for buf in buffers:
+                if buf.nbytes():
+                    torch.empty(0, dtype=torch.uint8, device=buf.device).set_(buf).zero_()
+            return sum(buf.nbytes() for buf in buffers)
+        finally:
+            self.release(buffers)
+
     def release(self, buffers: Iterable[torch.UntypedStorage]) -> None:
         """Give buffers back for the next save (never blocks)."""
         batch = list(buffers)

@@ -40,7 +40,8 @@ from torchaux.checkpoint.engine.staging.copies import (
     enqueue_device_copies,
 )
 
-__all__ = ["HostBufferPool", "Snapshot", "TensorLocation", "stage", "fence_blocked_seconds"]
+__all__ = ["HostBufferPool", "Snapshot", "TensorLocation", "stage", "fence_blocked_seconds",
+           "buffer_requests"]
 
 # Seconds training threads spent blocked in fences, process-wide (diagnostics
 # and `torchaux bench`); float += under the GIL is enough for a statistic.
@@ -227,6 +228,19 @@ class Snapshot:
         self._by_key = None
 
 
+
+
+def buffer_requests(obj: object) -> list[tuple[int, bool]]:
+    """``(nbytes, pinned)`` of every host buffer a save of ``obj`` takes from the pool.
+
+    >>> buffer_requests({"a": torch.ones(4), "b": torch.ones(2, dtype=torch.float64)})
+    [(16, False), (16, False)]
+    """
+    import pickle
+
+    _, storages = pickle_storages(obj, pickle, 2)
+    pin = _knobs.pin_memory_enabled() and torch.accelerator.is_available()
+    return [(s.nbytes(), pin and s.device.type != "cpu") for s in storages.values()]
 
 
 def stage(
