@@ -5,6 +5,8 @@
 * :mod:`~torchaux.cli.bench.child` — the child process entry point;
 * :mod:`~torchaux.cli.bench.measure` — fingerprints and the RSS sampler;
 * :mod:`~torchaux.cli.bench.report` — tables, JSON and the plot;
+* :mod:`~torchaux.cli.bench.engine` — ``python -m torchaux.cli.bench.engine``: writer CPU per GiB, first save;
+* :mod:`~torchaux.cli.bench.suites` — ``--manager``, ``--frameworks``, ``--load``, ``--distributed``;
 * :mod:`~torchaux.cli.bench.disk_io` — ``python -m torchaux.cli.bench.disk_io``: page cache against direct I/O.
 """
 
