@@ -247,3 +247,34 @@ if __name__ == "__main__":
     mode, rank_s, world_s, port_s, directory_arg = sys.argv[1:6]
     assert mode == "train", mode
     kill_train(int(rank_s), int(world_s), int(port_s), directory_arg)
+
+
+def coordinator_staging_failure(rank: int, world: int, root: str) -> None:
+    """Rank 0's staging fails: every rank raises at once, and the next save succeeds at once.
+
+    Before the fix rank 0's failure was posted where only rank 0 reads, so rank 1
+    waited for the distributed timeout and the next save timed out on both ranks.
+    """
+    import time
+
+    import torchaux
+    import torchaux.distributed.api as api
+
+    mgr = torchaux.CheckpointManager(os.path.join(root, "r"))
+    assert mgr.save(0, {"w": torch.zeros(2)}).wait(60)
+    real = api.stage_state_dict
+    if rank == 0:
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise MemoryError("injected staging failure")
+        api.stage_state_dict = broken  # type: ignore[assignment]
+    start = time.monotonic()
+    try:
+        expect_raise(BaseException, lambda: mgr.save(1, {"w": torch.ones(2)}).wait(60))
+    finally:
+        api.stage_state_dict = real  # type: ignore[assignment]
+    assert mgr.save(2, {"w": torch.ones(2)}).wait(60)
+    # TORCHAUX_DISTRIBUTED_TIMEOUT_S is 60 in the test: far below it means nobody waited it out.
+    assert time.monotonic() - start < 30, time.monotonic() - start
+    mgr.wait_until_finished()
+    assert mgr.all_steps() == [0, 2]
+    mgr.close()

@@ -141,3 +141,9 @@ def test_sigkill_seeded_runs(tmp_path: Path, seed: int) -> None:
     directory = tmp_path / "run"
     _kill_during_saves(directory, seed)
     _kill_during_saves(directory, seed + 100)  # killed again after resuming from the first
+
+
+def test_a_coordinator_staging_failure_reaches_every_rank_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 failing to stage fails step 1 on both ranks without a timeout; step 2 then saves."""
+    monkeypatch.setenv("TORCHAUX_DISTRIBUTED_TIMEOUT_S", "60")
+    workers.run("coordinator_staging_failure", 2, str(tmp_path))

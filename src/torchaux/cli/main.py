@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--distributed", action="store_true",
                        help="sharded saves on real gloo ranks (FSDP2): torchaux.distributed "
                             "against dcp.save / dcp.async_save, stall, overhead, load, RSS")
+    bench.add_argument("--nproc", type=int, default=None,
+                       help="ranks for --distributed (default 2)")
     bench.add_argument("--size-mib", type=int, default=None,
                        help="training state size in MiB (default 256; --secure: 1024)")
     bench.add_argument("--steps", type=int, default=None,

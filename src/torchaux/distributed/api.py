@@ -178,7 +178,7 @@ def save_async(
         if snapshot is not None:
             snapshot.release(saver.pool)
         saver.cancel_reservation()
-        vote.post_failure("plan", exc)
+        _fail_plan(vote, group.rank == 0, exc)
         raise
 
     def write(snap: Snapshot) -> str:
@@ -202,6 +202,19 @@ def save(state_dict: Mapping[str, Any], checkpoint_dir: str | os.PathLike[str], 
     return result
 
 
+def _fail_plan(vote: StoreVote, coord: bool, exc: BaseException) -> None:
+    """Tell the other ranks this rank cannot take part, where they are listening.
+
+    The coordinator's failure goes where every other rank waits next (the
+    central plan); a posted "plan" failure is read only by the coordinator, so
+    from the coordinator it would leave the others waiting for the timeout.
+    """
+    if coord:
+        vote.scatter_failure("central", exc)
+    else:
+        vote.post_failure("plan", exc)
+
+
 def _run_save(staged: dict[str, Any], writer: StorageWriter, vote: StoreVote, coord: bool) -> str:
     """One save on the writer thread: plan, write, vote, publish (module docstring)."""
     planner = DefaultSavePlanner()
@@ -210,7 +223,7 @@ def _run_save(staged: dict[str, Any], writer: StorageWriter, vote: StoreVote, co
         writer.set_up_storage_writer(coord, rank=vote.rank)
         local = writer.prepare_local_plan(planner.create_local_plan())
     except BaseException as exc:
-        vote.post_failure("plan", exc)
+        _fail_plan(vote, coord, exc)
         raise
     metadata = None
     if coord:

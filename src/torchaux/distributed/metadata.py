@@ -84,8 +84,12 @@ def read_metadata(checkpoint_dir: str | os.PathLike[str]) -> Metadata:
         metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
     except UnsupportedFormatError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise IntegrityError(f"{path} is damaged or not a DCP metadata file: {exc}") from exc
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            KeyError, OverflowError, MemoryError) as exc:
+        # KeyError: an allow-listed constructor (torch.serialization._get_layout)
+        # given an unknown name; OverflowError/MemoryError: length fields that
+        # claim more bytes than exist (tests/distributed/test_metadata_fuzz.py).
+        raise IntegrityError(f"{path} is damaged or not a DCP metadata file: {exc!r}") from exc
     if not isinstance(metadata, Metadata):
         raise IntegrityError(
             f"{path} holds a {type(metadata).__name__}, expected a DCP Metadata object"

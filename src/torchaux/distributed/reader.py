@@ -185,6 +185,14 @@ class StorageReader(_DcpStorageReader):
         return fut
 
     def _read_file(self, relative: str, items: list[ReadItem], planner: LoadPlanner) -> None:
+        if not relative or os.path.basename(relative) != relative or relative in (".", ".."):
+            # Data files are plain names inside the checkpoint; a crafted .metadata
+            # must not make a load read files elsewhere (``../x``, ``/etc/x``).
+            raise IntegrityError(
+                f"checkpoint {self.path}'s metadata names data file {relative!r}, which is not "
+                "a plain file name inside the checkpoint directory: the metadata is damaged or "
+                "crafted; do not load it"
+            )
         path = os.path.join(self.path, relative)
         try:
             f = open(path, "rb", buffering=0)

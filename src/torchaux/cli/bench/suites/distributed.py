@@ -167,10 +167,10 @@ def format_distributed(r: dict[str, Any]) -> str:
 
 
 def main(args: Any) -> int:
-    """``torchaux bench --distributed``: nproc from ``TORCHAUX_BENCH_NPROC`` (default 2)."""
+    """``torchaux bench --distributed [--nproc N]`` (default 2; ``TORCHAUX_BENCH_NPROC`` too)."""
     import sys
 
-    nproc = int(os.environ.get("TORCHAUX_BENCH_NPROC", "2"))
+    nproc = getattr(args, "nproc", None) or int(os.environ.get("TORCHAUX_BENCH_NPROC", "2"))
     log = (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)) if args.verbose else (
         lambda _m: None)
     r = run_distributed(nproc=nproc, size_mib=args.size_mib or 256, steps=args.steps or 24,
