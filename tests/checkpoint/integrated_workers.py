@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 import dist_workers  # noqa: E402 - the shared spawned-rank helpers (FSDP2 model, full())
@@ -22,19 +21,9 @@ import dist_workers  # noqa: E402 - the shared spawned-rank helpers (FSDP2 model
 KEY = bytes(range(16))
 
 
-def _entry(rank: int, fn_name: str, world: int, port: int, args: tuple[Any, ...]) -> None:
-    dist_workers.init(rank, world, port)
-    try:
-        globals()[fn_name](rank, world, *args)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 def run(fn_name: str, world: int, *args: Any) -> None:
-    """Run ``fn_name(rank, world, *args)`` on ``world`` spawned ranks; re-raise a failure."""
-    mp.start_processes(_entry, args=(fn_name, world, dist_workers.free_port(), args),
-                       nprocs=world, start_method="spawn")
+    """Run ``fn_name(rank, world, *args)`` of this module on ``world`` spawned ranks."""
+    dist_workers.run_in(__name__, fn_name, world, *args)
 
 
 def _model_state(world: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -33,19 +33,27 @@ def init(rank: int, world: int, port: int) -> None:
     )
 
 
-def _entry(rank: int, fn_name: str, world: int, port: int, args: tuple[Any, ...]) -> None:
+def run(fn_name: str, world: int, *args: Any) -> None:
+    """Run ``fn_name(rank, world, *args)`` on ``world`` spawned ranks; re-raise a failure."""
+    run_in(__name__, fn_name, world, *args)
+
+
+def _entry_in(rank: int, module: str, fn_name: str, world: int, port: int, args: tuple[Any, ...]) -> None:
+    import importlib
+
     init(rank, world, port)
     try:
-        globals()[fn_name](rank, world, *args)
+        getattr(importlib.import_module(module), fn_name)(rank, world, *args)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def run(fn_name: str, world: int, *args: Any) -> None:
-    """Run ``fn_name(rank, world, *args)`` on ``world`` spawned ranks; re-raise a failure."""
+def run_in(module: str, fn_name: str, world: int, *args: Any) -> None:
+    """Run ``module.fn_name(rank, world, *args)`` on ``world`` spawned ranks (other worker modules)."""
     mp.start_processes(
-        _entry, args=(fn_name, world, free_port(), args), nprocs=world, start_method="spawn"
+        _entry_in, args=(module, fn_name, world, free_port(), args), nprocs=world,
+        start_method="spawn",
     )
 
 

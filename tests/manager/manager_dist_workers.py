@@ -34,23 +34,9 @@ KEY = bytes(range(32))
 KILL_NUMEL = 1 << 20
 
 
-def _entry(rank: int, fn_name: str, world: int, port: int, args: tuple[Any, ...]) -> None:
-    dist_workers.init(rank, world, port)
-    try:
-        globals()[fn_name](rank, world, *args)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 def run(fn_name: str, world: int, *args: Any) -> None:
     """Run ``fn_name(rank, world, *args)`` of this module on ``world`` spawned ranks."""
-    import torch.multiprocessing as mp
-
-    mp.start_processes(
-        _entry, args=(fn_name, world, dist_workers.free_port(), args), nprocs=world,
-        start_method="spawn",
-    )
+    dist_workers.run_in(__name__, fn_name, world, *args)
 
 
 def gathered(obj: Any) -> list[Any]:
