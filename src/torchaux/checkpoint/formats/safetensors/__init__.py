@@ -1,6 +1,7 @@
 """The safetensors file format.
 
 * :mod:`~torchaux.checkpoint.formats.safetensors.writer` — writing, the CRC metadata, sniffing;
+* :mod:`~torchaux.checkpoint.formats.safetensors.header` — the dtype table and the strict header parser;
 * :mod:`~torchaux.checkpoint.formats.safetensors.reader` — a strict reader of untrusted files.
 """
 

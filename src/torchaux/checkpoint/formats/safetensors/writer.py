@@ -17,7 +17,6 @@ load with MindSpore's ``crc_check=True``.  The strict reader is in
 
 from __future__ import annotations
 
-import zlib
 
 import ctypes
 import json

@@ -37,7 +37,6 @@ from __future__ import annotations
 import ctypes
 import struct
 import threading
-import zlib
 from dataclasses import dataclass
 from typing import IO
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import struct
 import zipfile
-import zlib
 from collections.abc import Iterable
 from typing import IO
 
