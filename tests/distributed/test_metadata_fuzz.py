@@ -18,8 +18,10 @@ than a stuck run).  Damaged torchaux data files must fail their checksum or
 load the original values.  The default run is seeded and small;
 ``TORCHAUX_FUZZ_EXAMPLES`` (the slow run: 10,000) makes it large.
 
-Defects this fuzzer found in modules other engineers own are pinned by
-``xfail(strict=True)`` tests below, each naming the fix.
+Defects this fuzzer found (non-tensor values of stock files escaping as
+torch's own errors, a Metadata with missing fields or chunk entries) are fixed
+in reader._load_bytes and metadata_check.py; their tests below stay as
+regression tests.
 """
 
 from __future__ import annotations
@@ -183,11 +185,6 @@ def test_damaged_data_files_fail_their_checksum(
     _fuzz_data_file(_case(originals, name, tmp_path_factory), 150)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "reader._load_bytes wraps only pickle.UnpicklingError: a damaged non-tensor chunk of a stock "
-    "DCP file (no checksums) escapes as torch's RuntimeError('PytorchStreamReader failed ...'), "
-    "UnicodeDecodeError or IndexError (inside DCP's CheckpointException); fix: re-raise any other Exception there as IntegrityError naming "
-    "the file and key, as _read_chunk does for tensors"))
 def test_damaged_stock_data_files_raise_only_documented_errors(
     originals: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -209,13 +206,6 @@ def test_damaged_stock_data_files_raise_only_documented_errors(
 # -- .metadata ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "metadata.read_metadata lets OverflowError/MemoryError (huge FRAME/BINUNICODE lengths), "
-    "KeyError (torch.serialization._get_layout of an unknown name) escape, and accepts a "
-    "Metadata whose fields are the wrong types or whose chunks lack storage entries, which "
-    "DCP's planner then reads into AttributeError/KeyError; fix: catch those in the unpickling "
-    "step and validate the structure (state_dict_metadata entries, _StorageInfo fields, a "
-    "storage entry per chunk, the extras dict) before returning, raising IntegrityError"))
 @pytest.mark.parametrize("name", ["torchaux", "stock"])
 def test_damaged_metadata_raises_only_documented_errors(
     name: str, originals: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
@@ -392,10 +382,6 @@ def test_an_unknown_layout_name_is_an_integrity_error(tmp_path: Path) -> None:
         read_metadata(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "a Metadata whose chunk has no storage_data entry passes read_metadata and fails inside "
-    "StorageReader.read_data with KeyError(MetadataIndex); fix: validate that every chunk of "
-    "state_dict_metadata has a _StorageInfo before loading (IntegrityError naming the key)"))
 def test_a_chunk_without_storage_entry_is_an_integrity_error(
     originals: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -407,6 +393,63 @@ def test_a_chunk_without_storage_entry_is_an_integrity_error(
     (d / ".metadata").write_bytes(pickle.dumps(md))
     with pytest.raises(IntegrityError):
         td.load_full(d)
+
+
+def _rewrite_metadata(originals: dict[str, Path], tmp_path: Path, change: Any) -> Path:
+    d = tmp_path / "ck"
+    shutil.copytree(originals["torchaux"], d)
+    md = read_metadata(d)
+    change(md)
+    (d / ".metadata").write_bytes(pickle.dumps(md))
+    return d
+
+
+def test_a_tensor_claiming_a_terabyte_fails_before_any_allocation(
+    originals: dict[str, Path], tmp_path: Path
+) -> None:
+    """DCP's full-load planner would torch.empty the claimed size; the check refuses it first."""
+    def grow(md: Any) -> None:
+        entry = md.state_dict_metadata["w"]
+        entry.size = torch.Size([1 << 38])  # 1 TiB of float32
+        entry.chunks[0].sizes = torch.Size([1 << 38])
+
+    d = _rewrite_metadata(originals, tmp_path, grow)
+    with _no_hang(), pytest.raises(IntegrityError, match="raw bytes"):
+        td.load_full(d)
+
+
+def test_a_chunk_outside_its_tensor_is_an_integrity_error(
+    originals: dict[str, Path], tmp_path: Path
+) -> None:
+    def shift(md: Any) -> None:
+        md.state_dict_metadata["w"].chunks[0].offsets = torch.Size([1])
+
+    with pytest.raises(IntegrityError, match="outside the tensor"):
+        read_metadata(_rewrite_metadata(originals, tmp_path, shift))
+
+
+def test_a_stored_range_past_the_end_of_its_file_is_an_integrity_error(
+    originals: dict[str, Path], tmp_path: Path
+) -> None:
+    def stretch(md: Any) -> None:
+        for key, info in md.storage_data.items():
+            if isinstance(key, dcp_md.MetadataIndex) and key.fqn == "w":
+                info.length = 1 << 40
+
+    with pytest.raises(IntegrityError, match="is truncated: it holds"):
+        read_metadata(_rewrite_metadata(originals, tmp_path, stretch))
+
+
+def test_a_storage_entry_missing_a_field_is_an_integrity_error(
+    originals: dict[str, Path], tmp_path: Path
+) -> None:
+    def strip(md: Any) -> None:
+        for key, info in md.storage_data.items():
+            if isinstance(key, dcp_md.MetadataIndex) and key.fqn == "w":
+                del info.length
+
+    with pytest.raises(IntegrityError, match="no field 'length'"):
+        read_metadata(_rewrite_metadata(originals, tmp_path, strip))
 
 
 @pytest.mark.slow

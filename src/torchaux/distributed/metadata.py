@@ -13,12 +13,14 @@ from __future__ import annotations
 import io
 import os
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata
 
 from torchaux.distributed.layout import METADATA_NAME
+from torchaux.distributed.metadata_check import check_metadata
 from torchaux.errors import IntegrityError, UnsupportedFormatError
 
 __all__ = ["read_metadata", "metadata_path"]
@@ -94,4 +96,24 @@ def read_metadata(checkpoint_dir: str | os.PathLike[str]) -> Metadata:
         raise IntegrityError(
             f"{path} holds a {type(metadata).__name__}, expected a DCP Metadata object"
         )
+    check_metadata(metadata, path, _local_sizes(os.fspath(checkpoint_dir)))
     return metadata
+
+
+def _local_sizes(checkpoint_dir: str) -> Callable[[str], int | None]:
+    """The size of each data file named in the metadata (None: missing or outside the directory)."""
+    root = os.path.realpath(checkpoint_dir)
+    cache: dict[str, int | None] = {}
+
+    def size(relative: str) -> int | None:
+        if relative not in cache:
+            full = os.path.realpath(os.path.join(root, relative))
+            try:
+                # The reader refuses paths outside the directory with its own message.
+                inside = os.path.commonpath([root, full]) == root
+                cache[relative] = os.stat(full).st_size if inside else None
+            except (OSError, ValueError):
+                cache[relative] = None  # missing: the reader names it when a rank needs it
+        return cache[relative]
+
+    return size

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import struct
 from collections import defaultdict
 from typing import Any
 
@@ -57,12 +58,23 @@ def _load_bytes(planner: DefaultLoadPlanner, read_item: ReadItem, value: io.Byte
     # (ints, floats, strings, containers, tensors) all pass weights_only.
     from torch.distributed.checkpoint._traverse import set_element
 
+    fqn = read_item.dest_index.fqn
     try:
         obj = torch.load(value, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsupportedFormatError(
-            f"the value of {read_item.dest_index.fqn!r} is a pickled object that "
+            f"the value of {fqn!r} is a pickled object that "
             f"weights_only loading refuses ({exc}); torchaux never unpickles code"
+        ) from exc
+    except (RuntimeError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            UnicodeDecodeError, OverflowError, MemoryError, struct.error) as exc:
+        # Stock DCP files carry no checksums, so a damaged value reaches
+        # torch.load, whose zip reader and weights-only unpickler fail in these
+        # ways (tests/distributed/test_metadata_fuzz.py); torchaux's own files
+        # fail their checksum before this point.
+        raise IntegrityError(
+            f"the value of {fqn!r} is damaged ({type(exc).__name__}: {exc}); the data "
+            "file holding it is corrupt: restore it from a copy or load an older checkpoint"
         ) from exc
     if planner.flatten_state_dict:
         set_element(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], obj)
