@@ -262,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "against dcp.save / dcp.async_save, stall, overhead, load, RSS")
     bench.add_argument("--nproc", type=int, default=None,
                        help="ranks for --distributed (default 2)")
+    bench.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                       help="--distributed: start the ranks with glibc's MALLOC_MMAP_THRESHOLD_ "
+                            "fixed, so peak RSS shows the checkpointer's own memory, not the "
+                            "heap's fragmentation (default: glibc's dynamic threshold)")
     bench.add_argument("--size-mib", type=int, default=None,
                        help="training state size in MiB (default 256; --secure: 1024)")
     bench.add_argument("--steps", type=int, default=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,10 @@ def test_every_method_saves_complete_checkpoints_and_reports_ratios(
 ) -> None:
     monkeypatch.setenv("TORCHAUX_BENCH_NPROC", "2")
     out = tmp_path / "r.json"
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     assert main(["bench", "--distributed", "--size-mib", "2", "--steps", "4", "--every", "2",
-                 "--dir", str(tmp_path), "--json", str(out)]) == 0
+                 "--malloc-mmap-threshold", "131072", "--dir", str(tmp_path), "--json", str(out)]) == 0
+    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ  # set for the ranks only
     printed = capsys.readouterr().out
     assert "ratios" in printed and all(m in printed for m in METHODS)
     r = json.loads(out.read_text())
@@ -28,6 +31,7 @@ def test_every_method_saves_complete_checkpoints_and_reports_ratios(
         # One save window (a save at step 1) beside one no-save window; the
         # checkpoint loads back equal to the state at step 1 on both ranks.
         assert m["saves"] == 1 and m["complete"] == 1, m
+        assert m["malloc_env"] == "131072"  # the ranks ran with the fixed threshold
         assert m["stall_s"] > 0 and m["durable_s"] > 0 and m["shard_mib"] > 0
     assert set(r["load"]) == {"2->2", "2->1"}
     assert {"stall_s", "overhead_s", "durable_s", "load 2->2", "load 2->1"} <= set(r["ratios"])
@@ -39,3 +43,5 @@ def test_bad_settings_are_refused_before_any_rank_starts(tmp_path: Path) -> None
         distributed.run_distributed(nproc=1, root=str(tmp_path))
     with pytest.raises(ValueError, match="at least 2 x every"):
         distributed.run_distributed(steps=4, every=3, root=str(tmp_path))
+    with pytest.raises(ValueError, match="malloc_mmap_threshold"):
+        distributed.run_distributed(malloc_mmap_threshold=0, root=str(tmp_path))

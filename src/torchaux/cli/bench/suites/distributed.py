@@ -29,6 +29,16 @@ Per method, the largest value over the ranks of:
   rank's shard;
 * complete: checkpoints that load back equal to their step's state.
 
+Peak RSS and glibc: under glibc's default *dynamic* mmap threshold (mallopt(3),
+``M_MMAP_THRESHOLD``: after a large mmapped block is freed, blocks up to its
+size come from the heap), the training step's own temporaries (gradients,
+Adam's intermediates, FSDP2's all-gathered parameters) stay in a fragmented
+heap, and a rank's peak swings by ~100-400 MiB between loops of the same
+training, for every method alike.  ``--malloc-mmap-threshold BYTES`` starts
+the ranks with ``MALLOC_MMAP_THRESHOLD_`` (glibc's tunable; a fixed threshold
+turns the dynamic one off), so "RSS added" shows what the checkpointer itself
+holds.
+
 Then load time, checkpoints of ``dcp.save`` (stock reader) and
 ``torchaux save_async`` (verified checksums): ``dcp.load`` against
 ``torchaux.distributed.load`` at the same world size and resharded onto one
@@ -61,15 +71,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run_ranks(world: int, job: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run ``job`` on ``world`` spawned ranks; their results, by rank."""
+def _run_ranks(world: int, job: dict[str, Any], env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Run ``job`` on ``world`` spawned ranks (with ``env`` added to theirs); their results, by rank."""
     import torch.multiprocessing as mp
 
     from torchaux.cli.bench.suites.ranks import rank_main
 
     os.makedirs(job["out"], exist_ok=True)
-    mp.start_processes(rank_main, args=(world, _free_port(), job), nprocs=world,
-                       start_method="spawn")
+    before = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})  # spawned ranks inherit the environment at exec
+    try:
+        mp.start_processes(rank_main, args=(world, _free_port(), job), nprocs=world,
+                           start_method="spawn")
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     results = []
     for rank in range(world):
         with open(os.path.join(job["out"], f"{rank}.json")) as f:
@@ -90,7 +109,7 @@ def _summarise(ranks: list[dict[str, Any]]) -> dict[str, Any]:
             "rss_peak_mib": r["rss_peak"] / _MIB,
         })
     out = {k: max(p[k] for p in per_rank) for k in per_rank[0]}
-    out.update(method=ranks[0]["method"], saves=saves, complete=min(r["complete"] for r in ranks),
+    out.update(method=ranks[0]["method"], saves=saves, malloc_env=ranks[0].get("malloc_env"), complete=min(r["complete"] for r in ranks),
                shard_mib=max(r["shard_bytes"] for r in ranks) / _MIB,
                save_windows=ranks[0]["save_windows"], plain_windows=ranks[0]["plain_windows"])
     return out
@@ -98,8 +117,17 @@ def _summarise(ranks: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_distributed(*, nproc: int = 2, size_mib: int = 256, steps: int = 24, every: int = 3,
                     root: str | None = None, repeats: int = 3,
+                    malloc_mmap_threshold: int | None = None,
                     log: Any = lambda _m: None) -> dict[str, Any]:
     """Run every method and the load comparison; return the figures (module docstring)."""
+    if malloc_mmap_threshold is not None and (
+        isinstance(malloc_mmap_threshold, bool) or not isinstance(malloc_mmap_threshold, int)
+        or malloc_mmap_threshold <= 0
+    ):
+        raise ValueError(f"malloc_mmap_threshold must be a positive number of bytes or None; "
+                         f"found {malloc_mmap_threshold!r}")
+    env = None if malloc_mmap_threshold is None else {
+        "MALLOC_MMAP_THRESHOLD_": str(malloc_mmap_threshold)}
     if nproc < 2:
         raise ValueError(f"--distributed needs nproc >= 2 ranks (saving and resharding); found {nproc}")
     if steps < 2 * every:
@@ -115,7 +143,7 @@ def run_distributed(*, nproc: int = 2, size_mib: int = 256, steps: int = 24, eve
                    "every": every, "dir": os.path.join(work, f"m{i}"),
                    "out": os.path.join(work, f"r{i}")}
             os.makedirs(job["dir"])
-            methods[method] = _summarise(_run_ranks(nproc, job))
+            methods[method] = _summarise(_run_ranks(nproc, job, env))
         last = f"step_{(steps // every - 1) // 2 * 2 * every + 1}"  # the last save window's first step
         loads = {}
         for world in (nproc, 1):
@@ -124,13 +152,13 @@ def run_distributed(*, nproc: int = 2, size_mib: int = 256, steps: int = 24, eve
                    "dcp_dir": os.path.join(work, f"m{METHODS.index('dcp.save')}", last),
                    "torchaux_dir": os.path.join(work, f"m{METHODS.index('torchaux save_async')}", last),
                    "out": os.path.join(work, f"load{world}")}
-            got = _run_ranks(world, job)
+            got = _run_ranks(world, job, env)
             loads[f"{nproc}->{world}"] = {k: max(r["load_s"][k] for r in got)
                                           for k in got[0]["load_s"]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"nproc": nproc, "size_mib": size_mib, "width": width, "steps": steps, "every": every,
-            "methods": methods, "load": loads, "ratios": _ratios(methods, loads)}
+            "malloc_mmap_threshold": malloc_mmap_threshold, "methods": methods, "load": loads, "ratios": _ratios(methods, loads)}
 
 
 def _ratios(methods: dict[str, Any], loads: dict[str, Any]) -> dict[str, float]:
@@ -157,7 +185,11 @@ def format_distributed(r: dict[str, Any]) -> str:
             f"{m['durable_s']:7.2f}s {m['rss_added_mib']:6.0f}MiB {m['rss_added_x_shard']:4.2f}x "
             f"{m['complete']:>4}/{m['saves']}")
     shard = next(iter(r["methods"].values()))["shard_mib"]
-    lines.append(f"(shard per rank {shard:.0f} MiB; RSS added = peak above a no-save loop's peak)")
+    threshold = r.get("malloc_mmap_threshold")
+    malloc = (f"MALLOC_MMAP_THRESHOLD_={threshold}" if threshold
+              else "glibc's dynamic mmap threshold")
+    lines.append(f"(shard per rank {shard:.0f} MiB; RSS added = peak above a no-save loop's peak; "
+                 f"{malloc})")
     for name, load in r["load"].items():
         lines.append(f"load {name}: dcp.load {load['dcp.load']:.3f}s, torchaux load "
                      f"{load['torchaux load']:.3f}s")
@@ -174,7 +206,8 @@ def main(args: Any) -> int:
     log = (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)) if args.verbose else (
         lambda _m: None)
     r = run_distributed(nproc=nproc, size_mib=args.size_mib or 256, steps=args.steps or 24,
-                        every=args.every or 3, root=args.dir, log=log)
+                        every=args.every or 3, root=args.dir,
+                        malloc_mmap_threshold=getattr(args, "malloc_mmap_threshold", None), log=log)
     print(format_distributed(r))
     if args.json:
         with open(args.json, "w") as f:

@@ -262,6 +262,7 @@ def _save_job(rank: int, world: int, job: dict[str, Any]) -> dict[str, Any]:
         saves.stager.close()
     return {
         "method": method, "rank": rank, "shard_bytes": shard, "rss_base": plain.peak,
+        "malloc_env": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "rss_peak": rss.peak, "save_windows": windows[0::2], "plain_windows": windows[1::2],
         "stalls": saves.stalls, "saves": len(saves.stalls), "complete": complete,
         "durable": [v for k, v in saves.durable.items() if not k.endswith("warmup")],
