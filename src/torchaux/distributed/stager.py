@@ -107,6 +107,8 @@ def stage_state_dict(
         # An FSDP2 module's parameters are DTensors: their shards are what is staged.
         model_buffers=[_local(t) for t in model_tensors(model)] if model is not None else (),
         index={str(i): t for i, t in enumerate(tensors)},
+        # The writer saves each chunk itself (writer._write_chunk): no data.pkl.
+        serialize=False,
     )
     try:
         staged = _rebuild(skeleton, snapshot)

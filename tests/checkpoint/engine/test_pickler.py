@@ -86,3 +86,45 @@ def test_staging_restores_the_garbage_collector(enabled: bool) -> None:
         assert gc.isenabled() is enabled
     finally:
         gc.enable() if was else gc.disable()
+
+
+def test_tensor_storages_keys_storages_as_the_pickler_does() -> None:
+    """serialize=False (torchaux.distributed) must stage the same storages under the same keys."""
+    from torchaux.checkpoint.engine.pickler import pickle_storages, tensor_storages
+
+    a, b = torch.arange(6.0), torch.ones(3, dtype=torch.int64)
+    flat = [a, a[2:], b, a.view(2, 3), torch.zeros(0)]
+    _, pickled = pickle_storages(flat, pickle, 2)
+    seen: list[torch.Tensor] = []
+    got = tensor_storages(flat, seen)
+    assert list(got) == list(pickled)
+    assert all(got[k]._cdata == pickled[k]._cdata for k in got)
+    assert seen == flat
+
+
+def test_tensor_storages_refuses_what_torch_save_refuses() -> None:
+    from torchaux.checkpoint.engine.pickler import tensor_storages
+
+    a = torch.arange(4, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="different types"):
+        tensor_storages([a, a.view(torch.int32)])
+    with pytest.raises(ValueError, match="meta"):
+        tensor_storages([torch.empty(2, device="meta")])
+
+
+def test_stage_without_serializing_copies_the_same_bytes() -> None:
+    from torchaux.checkpoint.engine.pool import HostBufferPool
+    from torchaux.checkpoint.engine.staging import stage
+
+    pool = HostBufferPool()
+    live = [torch.arange(5.0), torch.full((3,), 7, dtype=torch.int16)]
+    snap = stage(live, pool=pool, pickle_module=pickle, pickle_protocol=2, serialize=False,
+                 index={"0": live[0], "1": live[1]})
+    live[0].add_(1)  # after the call: the snapshot keeps the old values
+    snap.finish_staging()
+    assert snap.pickled == b""
+    assert snap.staged_tensor("0").tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert snap.staged_tensor("1").tolist() == [7, 7, 7]
+    with pytest.raises(TypeError, match="flat list of tensors"):
+        stage({"w": live[0]}, pool=pool, pickle_module=pickle, pickle_protocol=2, serialize=False)
+    snap.release(pool)

@@ -11,7 +11,7 @@ import copyreg
 import io
 import pickle
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,6 +135,42 @@ def pickle_storages(
         # runs - hundreds of MiB per save (issue #15.5, f_pool_growth.py).
         del _Pickler.persistent_id
     return buf.getvalue(), storages
+
+
+def tensor_storages(
+    tensors: Sequence[torch.Tensor], seen: list[torch.Tensor] | None = None
+) -> dict[str, torch.UntypedStorage]:
+    """The storages of a flat list of tensors, keyed as :func:`pickle_storages` keys them.
+
+    For callers that write each tensor themselves (torchaux.distributed: one
+    ``torch.save`` per chunk) and need no ``data.pkl``: no pickling, the same
+    first-appearance keys, the same refusals (meta tensors, one storage viewed
+    as two dtypes).  Every tensor is appended to ``seen`` when given.
+
+    >>> t = torch.ones(4)
+    >>> list(tensor_storages([t, t[1:], torch.zeros(2)]))
+    ['0', '1']
+    """
+    storages: dict[str, torch.UntypedStorage] = {}
+    keys: dict[int, str] = {}
+    dtypes: dict[int, torch.dtype] = {}
+    skip = torch.serialization._serialization_tls.skip_data
+    for t in tensors:
+        if seen is not None:
+            seen.append(t)
+        storage = t.untyped_storage()
+        if storage.device.type == "meta" and not skip:
+            raise ValueError(
+                "save_async got a tensor on the 'meta' device, which has no data to save; "
+                "materialise it (e.g. module.to_empty(device='cpu')) or leave it out"
+            )
+        if storage.data_ptr() != 0 and dtypes.setdefault(storage.data_ptr(), t.dtype) != t.dtype:
+            raise RuntimeError(
+                "Cannot save multiple tensors or storages that view the same data as different types"
+            )
+        key = keys.setdefault(storage._cdata, str(len(keys)))
+        storages[key] = storage
+    return storages
 
 
 def index_tensors(

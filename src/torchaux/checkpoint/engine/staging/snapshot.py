@@ -29,7 +29,12 @@ import torch
 
 from torchaux import _knobs
 from torchaux.checkpoint.engine import versions
-from torchaux.checkpoint.engine.pickler import TensorLocation, index_tensors, pickle_storages
+from torchaux.checkpoint.engine.pickler import (
+    TensorLocation,
+    index_tensors,
+    pickle_storages,
+    tensor_storages,
+)
 from torchaux.checkpoint.engine.pickler import copy_order as _copy_order
 from torchaux.checkpoint.engine.pool import HostBufferPool
 from torchaux.checkpoint.engine.staging.copies import (
@@ -252,6 +257,7 @@ def stage(
     defer_cpu_copies: bool = False,
     model_buffers: Iterable[torch.Tensor] = (),
     index: Mapping[str, torch.Tensor] | None = None,
+    serialize: bool = True,
 ) -> Snapshot:
     """Take a consistent snapshot of ``obj`` (call on the training thread).
 
@@ -268,6 +274,10 @@ def stage(
             order (the model's parameters and buffers, in module order).
         index: named tensors (all reachable from ``obj``) to record in
             :attr:`Snapshot.tensor_index`.
+        serialize: make the ``data.pkl`` payload (``Snapshot.pickled``).
+            ``False`` for a flat list of tensors that the writer saves one
+            by one (torchaux.distributed): no pickling at the call, and
+            ``pickled`` is ``b""``.
 
     Under ``torch.serialization.skip_data()`` nothing is copied: the
     snapshot records sizes only and the writer writes zeros, as torch.save.
@@ -293,7 +303,8 @@ def stage(
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _stage(obj, pool, pickle_module, pickle_protocol, defer_cpu_copies, model_buffers, index)
+        return _stage(obj, pool, pickle_module, pickle_protocol, defer_cpu_copies, model_buffers, index,
+                      serialize)
     finally:
         if was_enabled:
             gc.enable()
@@ -307,10 +318,16 @@ def _stage(
     defer_cpu_copies: bool,
     model_buffers: Iterable[torch.Tensor],
     index: Mapping[str, torch.Tensor] | None,
+    serialize: bool,
 ) -> Snapshot:
     skip = bool(torch.serialization._serialization_tls.skip_data)
     tensors: list[torch.Tensor] | None = [] if defer_cpu_copies and not skip else None
-    pickled, storages = pickle_storages(obj, pickle_module, pickle_protocol, tensors)
+    if serialize:
+        pickled, storages = pickle_storages(obj, pickle_module, pickle_protocol, tensors)
+    else:
+        if not isinstance(obj, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in obj):
+            raise TypeError("stage(serialize=False) takes a flat list of tensors")
+        pickled, storages = b"", tensor_storages(obj, tensors)
     tensor_index = index_tensors(index or {}, storages)
     if skip:
         records = [
