@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,8 @@ pytestmark = [
 SEED = 20261202
 PATHS = ["save_async", "save_checkpoint thread AES-GCM", "save_checkpoint process",
          "save_checkpoint safetensors CRC"]
+#: The uploader: the object appears only once its multipart upload completes.
+S3_PATHS = ["save_async s3"]
 
 SERVER = textwrap.dedent(
     r"""
@@ -39,16 +42,20 @@ SERVER = textwrap.dedent(
     torch.set_num_threads(1)  # no intra-op pool in the parent: forking stays safe
 
     which, directory, kills, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    # For S3: the directory is an s3:// URL and the fsspec options come as JSON.
+    options = json.loads(sys.argv[5]) if len(sys.argv) > 5 else None
     # A process-saver child first starts its writer process (an interpreter and
     # torch's import, seconds here): kills must also land after that.
     max_delay = 4.0 if "process" in which else 0.4
     KEY = bytes(range(32))
     ext = ".safetensors" if "safetensors" in which else ".ckpt"
-    path = os.path.join(directory, "ckpt" + ext)
+    path = directory + "/ckpt" + ext if "s3" in which else os.path.join(directory, "ckpt" + ext)
 
     def save(state):
         if which == "save_async":
             torchaux.save_async(state, path).wait()
+        elif which == "save_async s3":
+            torchaux.save_async(state, path, storage_options=options).wait()
         elif which == "save_checkpoint thread AES-GCM":
             torchaux.save_checkpoint(state, path, enc_key=KEY, async_save="thread").wait()
         elif which == "save_checkpoint process":
@@ -59,6 +66,8 @@ SERVER = textwrap.dedent(
     def load():
         if which == "save_async":
             return torch.load(path, weights_only=True)
+        if which == "save_async s3":
+            return torchaux.load_checkpoint(path, storage_options=options)
         key = KEY if "AES" in which else None
         return torchaux.load_checkpoint(path, dec_key=key, crc_check="CRC" in which or "process" in which)
 
@@ -130,13 +139,16 @@ def _kills(slow: bool) -> int:
     return int(os.environ.get("TORCHAUX_TEST_KILLS", "100" if slow else "3"))
 
 
-def _run(tmp_path: Path, which: str, kills: int) -> dict:
+def _run(tmp_path: Path, which: str, kills: int, bucket: Any = None) -> dict:
     script = tmp_path / "server.py"
     script.write_text(SERVER)
-    directory = tmp_path / "ckpt"
-    directory.mkdir()
+    if bucket is None:
+        directory, extra = tmp_path / "ckpt", []
+        directory.mkdir()
+    else:
+        directory, extra = bucket.url("run"), [json.dumps(bucket.storage_options)]
     proc = subprocess.run(
-        [sys.executable, str(script), which, str(directory), str(kills), str(SEED)],
+        [sys.executable, str(script), which, str(directory), str(kills), str(SEED), *extra],
         capture_output=True, text=True, timeout=120 + 8 * kills, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -158,3 +170,27 @@ def test_a_hundred_kills_per_path(tmp_path: Path, which: str) -> None:
     result = _run(tmp_path, which, _kills(slow=True))
     assert result["torn"] == []
     assert result["kills"] == _kills(slow=True)
+
+
+def _no_upload_left(bucket: Any) -> None:
+    """A killed upload never shows: only the committed object is listed."""
+    assert bucket.keys() == ["run/ckpt.ckpt"], bucket.keys()
+
+
+@pytest.mark.parametrize("which", S3_PATHS)
+def test_a_few_kills_of_the_uploader(tmp_path: Path, s3_bucket: Any, which: str) -> None:
+    """SIGKILL of a save to the local S3 server: the object is the previous or the new step, whole."""
+    result = _run(tmp_path, which, _kills(slow=False), s3_bucket)
+    assert result["torn"] == []
+    assert result["kills"] == _kills(slow=False)
+    _no_upload_left(s3_bucket)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", S3_PATHS)
+def test_a_hundred_kills_of_the_uploader(tmp_path: Path, s3_bucket: Any, which: str) -> None:
+    """100 seeded SIGKILLs of the S3 uploader (TORCHAUX_TEST_KILLS): 0 torn."""
+    result = _run(tmp_path, which, _kills(slow=True), s3_bucket)
+    assert result["torn"] == []
+    assert result["kills"] == _kills(slow=True)
+    _no_upload_left(s3_bucket)
