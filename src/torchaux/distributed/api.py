@@ -47,6 +47,7 @@ from torchaux.checkpoint.engine.saver import AsyncSaver, SaveHandle
 from torchaux.checkpoint.engine.staging import Snapshot
 from torchaux.distributed.commit import StoreVote
 from torchaux.distributed.reader import SafeFullLoadPlanner, SafeLoadPlanner, StorageReader
+from torchaux.distributed.remote_io import locate
 from torchaux.distributed.stager import stage_state_dict
 from torchaux.distributed.writer import StorageWriter
 
@@ -65,12 +66,14 @@ def _distributed_saver() -> AsyncSaver:
         return _saver
 
 
-def _check_dir(checkpoint_dir: object) -> str:
+def _check_dir(checkpoint_dir: object, storage_options: object, who: str) -> str:
+    """The checkpoint location, validated before any I/O (an absolute path, or a URL)."""
     if not isinstance(checkpoint_dir, (str, os.PathLike)):
         raise TypeError(
-            f"checkpoint_dir must be a str or os.PathLike; found {type(checkpoint_dir).__name__}"
+            f"checkpoint_dir must be a str or os.PathLike (a local directory or an s3:// URL); "
+            f"found {type(checkpoint_dir).__name__}"
         )
-    return os.path.abspath(os.fspath(checkpoint_dir))
+    return locate(checkpoint_dir, storage_options, who)[0]
 
 
 def _check_timeout(timeout: object) -> float:
@@ -118,6 +121,7 @@ def save_async(
     enc_mode: str = "AES-GCM",
     timeout: float | None = None,
     model: torch.nn.Module | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> SaveHandle:
     """Save this rank's part of a sharded checkpoint in the background.
 
@@ -125,8 +129,10 @@ def save_async(
         state_dict: this rank's state dict (e.g. from
             ``torch.distributed.checkpoint.state_dict.get_state_dict``).
         checkpoint_dir: the checkpoint directory, the same on every rank
-            (created if missing; its parent must exist).  An existing
-            checkpoint there stays complete until the new one is committed.
+            (created if missing; its parent must exist), or an fsspec URL
+            prefix such as ``s3://bucket/run/step-100`` (its bucket must
+            exist).  An existing checkpoint there stays complete until the
+            new one is committed.
         process_group: the group saving together (default: the world).
         enc_key: encrypt every chunk (16/24/32 bytes); ``enc_mode`` its mode.
         timeout: seconds to wait for the other ranks before failing (default
@@ -139,6 +145,11 @@ def save_async(
             (:mod:`torchaux.checkpoint.engine.fence`).  Any other in-place
             change of a saved tensor before its copy fails the save with
             :class:`~torchaux.errors.TensorChangedError`; nothing is committed.
+        storage_options: fsspec options for a URL ``checkpoint_dir`` (e.g.
+            ``{"client_kwargs": {"endpoint_url": ...}}``).  Each rank streams
+            its shards from the staged buffers into a multipart upload of its
+            data object; the coordinator PUTs ``.metadata`` last, which is the
+            commit (:mod:`torchaux.distributed.remote_commit`).
 
     Raises:
         InvalidArgumentError: a legacy ``ShardedTensor`` in ``state_dict``.
@@ -155,9 +166,10 @@ def save_async(
         raise TypeError(f"state_dict must be a dict; found {type(state_dict).__name__}")
     if model is not None and not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or None; found {type(model).__name__}")
-    target = _check_dir(checkpoint_dir)
+    target = _check_dir(checkpoint_dir, storage_options, "torchaux.distributed.save_async")
     seconds = _check_timeout(timeout)
-    writer = StorageWriter(target, enc_key=enc_key, enc_mode=enc_mode)
+    writer = StorageWriter(target, enc_key=enc_key, enc_mode=enc_mode,
+                           storage_options=storage_options)
     group = _Group(process_group)
     start = time.monotonic()
     prefix = group.next_prefix()
@@ -196,7 +208,7 @@ def save_async(
 
 
 def save(state_dict: Mapping[str, Any], checkpoint_dir: str | os.PathLike[str], **kwargs: Any) -> str:
-    """:func:`save_async`, waited: returns the directory once committed on every rank."""
+    """:func:`save_async`, waited: returns the directory (or URL) once committed on every rank."""
     result = save_async(state_dict, checkpoint_dir, **kwargs).wait()
     assert result is not None
     return result
@@ -242,19 +254,38 @@ def _run_save(staged: dict[str, Any], writer: StorageWriter, vote: StoreVote, co
     try:
         results = writer.write_data(planner.finish_plan(central), planner).value()
     except BaseException as exc:
-        vote.post_failure("result", exc)
+        if coord:  # the others wait for the outcome next, not for the results
+            vote.scatter_failure("outcome", exc)
+        else:
+            vote.post_failure("result", exc)
         raise
     vote.post("result", results)
-    if coord:
-        try:
-            writer.finish(metadata, vote.gather("result"))  # type: ignore[arg-type]
-        except BaseException as exc:
-            vote.scatter_failure("outcome", exc)
-            raise
-        vote.scatter("outcome", "committed")
-    else:
-        vote.receive("outcome")
+    try:
+        if coord:
+            try:
+                writer.finish(metadata, vote.gather("result"))  # type: ignore[arg-type]
+            except BaseException as exc:
+                vote.scatter_failure("outcome", exc)
+                raise
+            vote.scatter("outcome", "committed")
+        else:
+            vote.receive("outcome")
+    except BaseException as exc:
+        _discard(writer, exc)
+        raise
     return writer.path
+
+
+def _discard(writer: StorageWriter, exc: BaseException) -> None:
+    """A failed save: this rank's uploaded objects go (object stores); the save's error stays first."""
+    try:
+        writer.discard_failed()
+    except Exception as cleanup:  # noqa: BLE001 - reported with the save's own error
+        if hasattr(exc, "add_note"):
+            exc.add_note(
+                f"removing this rank's data object of the failed save also failed ({cleanup!r}); "
+                "the next committed save of this checkpoint removes it"
+            )
 
 
 @contextlib.contextmanager
@@ -278,13 +309,16 @@ def load(
     process_group: Any = None,
     dec_key: bytes | None = None,
     dec_mode: str = "AES-GCM",
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
     """Load a checkpoint into ``state_dict`` in place, resharding as needed.
 
     Every rank of ``process_group`` calls it with its own state dict (DTensors
     get their local shards, plain tensors the full value); without a process
     group it loads into a plain single-process state dict.  Works for
-    checkpoints of any world size, torchaux's or stock DCP's.
+    checkpoints of any world size, torchaux's or stock DCP's, from a local
+    directory or an fsspec URL (``s3://...`` with ``storage_options``: chunks
+    are read with ranged GETs).
 
     Raises:
         FileNotFoundError: no committed checkpoint in ``checkpoint_dir``.
@@ -293,7 +327,9 @@ def load(
     """
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict; found {type(state_dict).__name__}")
-    reader = StorageReader(_check_dir(checkpoint_dir), dec_key=dec_key, dec_mode=dec_mode)
+    target = _check_dir(checkpoint_dir, storage_options, "torchaux.distributed.load")
+    reader = StorageReader(target, dec_key=dec_key, dec_mode=dec_mode,
+                           storage_options=storage_options)
     no_dist = not dist.is_initialized()
     reader.read_metadata()  # DCP turns metadata errors into strings: raise ours first
     with _dcp_errors(), warnings.catch_warnings():
@@ -303,13 +339,17 @@ def load(
 
 
 def load_full(
-    checkpoint_dir: str | os.PathLike[str], *, dec_key: bytes | None = None, dec_mode: str = "AES-GCM"
+    checkpoint_dir: str | os.PathLike[str], *, dec_key: bytes | None = None,
+    dec_mode: str = "AES-GCM", storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Read a whole checkpoint into one process: every tensor at its full, global shape.
 
     No process group needed (like DCP's ``dcp_to_torch_save``, without the pickle risk).
+    ``checkpoint_dir`` may be an fsspec URL, with ``storage_options``.
     """
-    reader = StorageReader(_check_dir(checkpoint_dir), dec_key=dec_key, dec_mode=dec_mode)
+    target = _check_dir(checkpoint_dir, storage_options, "torchaux.distributed.load_full")
+    reader = StorageReader(target, dec_key=dec_key, dec_mode=dec_mode,
+                           storage_options=storage_options)
     out: dict[str, Any] = {}
     reader.read_metadata()
     with _dcp_errors():

@@ -21,6 +21,11 @@ place under the old index), no instant shows a torn checkpoint.
 through the process group's key-value store with deadlines, never through a
 collective, so a dead rank makes the others fail within the timeout instead
 of hanging until the process group's watchdog.
+
+On an object store (``s3://``) the commit is
+:func:`torchaux.distributed.remote_commit.publish_remote` instead (no rename:
+the ranks upload under the generation's names directly, ``.metadata`` is PUT
+last); the vote is the same.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from torchaux.distributed.layout import DATA_SUFFIX, EXTRAS_KEY, FORMAT_VERSION
 from torchaux.distributed.metadata import metadata_path
 from torchaux.errors import CheckpointError
 
-__all__ = ["publish", "StoreVote"]
+__all__ = ["publish", "complete_metadata", "StoreVote"]
 
 
 def _split_results(
@@ -57,17 +62,20 @@ def _split_results(
     return chunks, files
 
 
-def publish(
-    checkpoint_dir: str,
-    generation: str,
+def complete_metadata(
     metadata: Metadata,
+    generation: str,
     results: list[list[WriteResult]],
     *,
     storage_meta: StorageMeta | None,
     checksum: str,
     encryption: str | None,
-) -> None:
-    """Commit ``generation`` in ``checkpoint_dir`` (coordinator only; see the module doc)."""
+) -> set[str]:
+    """Fill ``metadata``'s chunk table and torchaux extras from the ranks' results.
+
+    Returns:
+        The names of the data files the completed metadata references.
+    """
     from torchaux import __version__
 
     chunks, files = _split_results(results)
@@ -83,11 +91,27 @@ def publish(
     metadata.storage_data = chunks
     metadata.storage_meta = storage_meta
     metadata.version = CURRENT_DCP_VERSION
+    return set(files)
+
+
+def publish(
+    checkpoint_dir: str,
+    generation: str,
+    metadata: Metadata,
+    results: list[list[WriteResult]],
+    *,
+    storage_meta: StorageMeta | None,
+    checksum: str,
+    encryption: str | None,
+) -> None:
+    """Commit ``generation`` in ``checkpoint_dir`` (coordinator only; see the module doc)."""
+    files = complete_metadata(metadata, generation, results, storage_meta=storage_meta,
+                              checksum=checksum, encryption=encryption)
     staging = f"{checkpoint_dir}/{STAGING_PREFIX}{generation}"
     publish_files(staging, checkpoint_dir, sorted(files))
     with atomic_write(metadata_path(checkpoint_dir)) as f:
         pickle.dump(metadata, f)
-    remove_unreferenced(checkpoint_dir, keep=set(files), data_suffix=DATA_SUFFIX)
+    remove_unreferenced(checkpoint_dir, keep=files, data_suffix=DATA_SUFFIX)
 
 
 _FAIL = b"\x00torchaux-fail\x00"

@@ -39,10 +39,12 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader as _DcpStorageReader
 from torch.futures import Future
 
+from torchaux.checkpoint.storage.remote import is_url
 from torchaux.distributed.checksums import checksum as compute_checksum
 from torchaux.distributed.chunks import BufferFile, chunk_tensor, read_into
 from torchaux.distributed.layout import ENCRYPTION_DESCRIPTOR, EXTRAS_KEY, FORMAT_VERSION
 from torchaux.distributed.metadata import read_metadata
+from torchaux.distributed.remote_io import locate
 from torchaux.errors import DecryptionError, IntegrityError, UnsupportedFormatError
 
 # Chunks from this size on are read straight into their destination (one copy
@@ -100,10 +102,12 @@ class StorageReader(_DcpStorageReader):
     """Reads DCP checkpoint directories (torchaux's or stock), verifying every chunk.
 
     Args:
-        path: the checkpoint directory.
+        path: the checkpoint directory, or an fsspec URL prefix (``s3://bucket/ckpt``).
         dec_key: key of an encrypted checkpoint.
         dec_mode: the mode it was encrypted with (``"AES-GCM"`` by default).
         verify: check chunk checksums where the checkpoint has them.
+        storage_options: fsspec options for a URL ``path``; chunks are then
+            read with ranged GETs (:mod:`torchaux.distributed.remote_io`).
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class StorageReader(_DcpStorageReader):
         dec_key: bytes | None = None,
         dec_mode: str = "AES-GCM",
         verify: bool = True,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(path, (str, os.PathLike)):
@@ -121,7 +126,7 @@ class StorageReader(_DcpStorageReader):
             from torchaux.checkpoint.crypto import validate_key
 
             validate_key(dec_key, dec_mode)
-        self.path = os.path.abspath(os.fspath(path))
+        self.path, self.remote = locate(path, storage_options, "StorageReader")
         self.dec_key = dec_key
         self.dec_mode = dec_mode
         self.verify = verify
@@ -135,9 +140,12 @@ class StorageReader(_DcpStorageReader):
         self.extras = None
         self._scratch = bytearray()
         if checkpoint_id:
-            path = os.path.abspath(os.fspath(checkpoint_id))
+            target = os.fspath(checkpoint_id)
+            # A new URL keeps this reader's storage_options; a local path takes none.
+            options = self.remote.options if self.remote is not None and is_url(target) else None
+            path, found = locate(target, options, "StorageReader")
             if path != self.path:
-                self.path, self._metadata = path, None
+                self.path, self.remote, self._metadata = path, found, None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:
@@ -145,7 +153,7 @@ class StorageReader(_DcpStorageReader):
             # which torchaux never writes.
             raise FileNotFoundError(f"{self.path}: no rank-local metadata (torchaux writes one .metadata)")
         if self._metadata is None:
-            metadata = read_metadata(self.path)
+            metadata = read_metadata(self.path) if self.remote is None else self.remote.read_metadata()
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             self._metadata = metadata  # read once: load() reads it first to raise our errors
@@ -207,7 +215,7 @@ class StorageReader(_DcpStorageReader):
             )
         path = os.path.join(self.path, relative)
         try:
-            f = open(path, "rb", buffering=0)
+            f = open(path, "rb", buffering=0) if self.remote is None else self.remote.open(relative)
         except FileNotFoundError:
             raise IntegrityError(
                 f"data file {relative} of checkpoint {self.path} is missing (it holds "
@@ -233,7 +241,7 @@ class StorageReader(_DcpStorageReader):
     def _read_direct(self, f: Any, relative: str, item: ReadItem, planner: LoadPlanner) -> bool:
         """A big plain chunk that fills a contiguous destination: read straight into it."""
         info = self.storage_data[item.storage_index]
-        if info.transform_descriptors or info.length < _DIRECT_BYTES:
+        if info.transform_descriptors or info.length < _DIRECT_BYTES or self.remote is not None:
             return False
         target = planner.resolve_tensor(item).detach()
         from torch.distributed._shard._utils import narrow_tensor_by_index

@@ -14,6 +14,12 @@ sealing each chunk in the crypto envelope.  ``finish`` hands the results to
 names, ``.metadata`` committed atomically, the previous generation removed.
 The layout is in :mod:`torchaux.distributed.layout`.
 
+On an fsspec URL (``s3://bucket/prefix``, with ``storage_options``) each rank
+streams its chunks into a multipart upload of its data object under its final,
+generation-unique name (:func:`torchaux.checkpoint.storage.remote.upload`:
+bounded part buffers, the object appears only when complete), and ``finish``
+PUTs ``.metadata`` last (:func:`torchaux.distributed.remote_commit.publish_remote`).
+
 >>> import torch, torch.distributed.checkpoint as dcp, warnings
 >>> d = os.path.join(doctest_tmp, "ck")
 >>> with warnings.catch_warnings():
@@ -46,8 +52,10 @@ from torch.futures import Future
 from torchaux.checkpoint.storage.commit import atomic_write
 from torchaux.checkpoint.storage.publish import make_staging_dir
 from torchaux.distributed.checksums import HashingWriter, default_algorithm
+from torchaux.checkpoint.storage import remote
 from torchaux.distributed.commit import publish
 from torchaux.distributed.layout import ENCRYPTION_DESCRIPTOR, EXTRAS_KEY, data_file_name
+from torchaux.distributed.remote_io import locate
 
 __all__ = ["StorageWriter"]
 
@@ -80,11 +88,15 @@ class StorageWriter(_DcpStorageWriter):
     """Writes DCP checkpoints that commit atomically, with per-chunk checksums.
 
     Args:
-        path: the checkpoint directory (created if missing; its parent must exist).
+        path: the checkpoint directory (created if missing; its parent must
+            exist), or an fsspec URL prefix such as ``s3://bucket/run/step-100``
+            (its bucket must exist).
         enc_key: encrypt every chunk with this key (16/24/32 bytes); ``None``: plaintext.
         enc_mode: ``"AES-GCM"`` (default), ``"AES-CBC"`` or ``"SM4-CBC"``.
         checksum: ``"xxh3-64"`` or ``"crc32"``; default: xxh3-64 where the
             ``xxhash`` package is installed (:mod:`torchaux.distributed.checksums`).
+        storage_options: fsspec options for a URL ``path`` (e.g.
+            ``{"client_kwargs": {"endpoint_url": ...}}``); refused with a local path.
 
     Picklable, so ``async_checkpointer_type=PROCESS`` can ship it to DCP's
     checkpoint process.
@@ -97,18 +109,22 @@ class StorageWriter(_DcpStorageWriter):
         enc_key: bytes | None = None,
         enc_mode: str = "AES-GCM",
         checksum: str | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike; found {type(path).__name__}")
         _check_key(enc_key, enc_mode)
-        self.path = os.path.abspath(os.fspath(path))
-        parent = os.path.dirname(self.path)
-        if not os.path.isdir(parent):
-            raise ValueError(
-                f"the parent directory {parent!r} of checkpoint {self.path!r} does not exist; "
-                "create it first"
-            )
+        self.path, self.remote = locate(path, storage_options, "StorageWriter")
+        if self.remote is not None:
+            self.remote.check_bucket("torchaux.distributed save")
+        else:
+            parent = os.path.dirname(self.path)
+            if not os.path.isdir(parent):
+                raise ValueError(
+                    f"the parent directory {parent!r} of checkpoint {self.path!r} does not "
+                    "exist; create it first"
+                )
         self.enc_key = enc_key
         self.enc_mode = enc_mode
         self.checksum = checksum or default_algorithm()
@@ -117,14 +133,19 @@ class StorageWriter(_DcpStorageWriter):
         self.rank = 0
         self.is_coordinator = True
         self.generation: str | None = None
+        self.uploaded: list[str] = []  # data objects this rank uploaded for the current save
 
     # -- DCP interface --------------------------------------------------------
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id:
-            self.path = os.path.abspath(os.fspath(checkpoint_id))
+            target = os.fspath(checkpoint_id)
+            # A new URL keeps this writer's storage_options; a local path takes none.
+            options = self.remote.options if self.remote is not None and remote.is_url(target) else None
+            self.path, self.remote = locate(target, options, "StorageWriter")
         self.save_id = secrets.token_hex(8)
         self.generation = None
+        self.uploaded = []
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
@@ -136,7 +157,8 @@ class StorageWriter(_DcpStorageWriter):
             )
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        os.makedirs(self.path, exist_ok=True)
+        if self.remote is None:  # an object store has no folders to make
+            os.makedirs(self.path, exist_ok=True)
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
@@ -164,6 +186,15 @@ class StorageWriter(_DcpStorageWriter):
         generation = self.generation
         if generation is None:
             raise RuntimeError("finish() called before prepare_global_plan() on the coordinator")
+        if self.remote is not None:
+            from torchaux.distributed.remote_commit import publish_remote
+
+            publish_remote(
+                self.remote, generation, metadata, results, storage_meta=self.storage_meta(),
+                checksum=self.checksum,
+                encryption=self.enc_mode if self.enc_key is not None else None,
+            )
+            return
         publish(
             self.path,
             generation,
@@ -179,8 +210,26 @@ class StorageWriter(_DcpStorageWriter):
 
     @property
     def checkpoint_id(self) -> str:
-        """The checkpoint directory."""
+        """The checkpoint directory (or URL)."""
         return self.path
+
+    def discard_failed(self) -> list[str]:
+        """After this save failed: remove what this rank uploaded for it (object stores).
+
+        On a local disk the staged file is inside the generation's staging
+        folder, which the next commit removes.  On an object store the rank's
+        completed data object is deleted unless the committed ``.metadata``
+        references it (:func:`torchaux.distributed.remote_commit.discard_objects`).
+
+        Returns:
+            The objects deleted.
+        """
+        names, self.uploaded = self.uploaded, []
+        if self.remote is None or not names:
+            return []
+        from torchaux.distributed.remote_commit import discard_objects
+
+        return discard_objects(self.remote, names)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -191,15 +240,20 @@ class StorageWriter(_DcpStorageWriter):
     def _write_rank_file(
         self, plan: SavePlan, planner: SavePlanner, rank: int, generation: str
     ) -> list[WriteResult]:
-        staging = make_staging_dir(self.path, generation)
         name = data_file_name(rank, 0, generation)
         descriptors = [ENCRYPTION_DESCRIPTOR] if self.enc_key is not None else None
         results: list[WriteResult] = []
         checksums: dict[int, int] = {}
         # Byte items first, then tensors, as FileSystemWriter orders them.
         items = sorted(plan.items, key=lambda it: it.type != WriteItemType.BYTE_IO)
-        mode = 0o600 if self.enc_key is not None else None
-        with atomic_write(os.path.join(staging, name), mode=mode) as f:
+        sink: Any
+        if self.remote is not None:  # final name at once: the object appears only when complete
+            sink = remote.upload(self.remote.object_url(name), self.remote.options)
+        else:
+            staging = make_staging_dir(self.path, generation)
+            mode = 0o600 if self.enc_key is not None else None
+            sink = atomic_write(os.path.join(staging, name), mode=mode)
+        with sink as f:
             out = HashingWriter(f, self.checksum)
             for item in items:
                 start = out.tell()
@@ -209,6 +263,8 @@ class StorageWriter(_DcpStorageWriter):
                 results.append(
                     WriteResult(item.index, length, _StorageInfo(name, start, length, descriptors))
                 )
+        if self.remote is not None:
+            self.uploaded.append(name)
         # The checksums travel to the coordinator as one extra result that
         # finish() moves out of the chunk table (commit.publish).
         extras = {"file": name, "rank": rank, "checksums": checksums}

@@ -26,7 +26,7 @@ import io
 import queue
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any, BinaryIO
 
@@ -305,11 +305,12 @@ def open_for_read(url: str, storage_options: Mapping[str, Any] | None = None) ->
     return io.BytesIO(data)
 
 
-def abort_uploads(fs: Any, prefix: str) -> list[str]:
+def abort_uploads(fs: Any, prefix: str, keep: Callable[[str], bool] | None = None) -> list[str]:
     """Abort the unfinished multipart uploads under ``prefix`` (``bucket/key-prefix``).
 
     A killed save leaves its parts on the server, invisible but stored (and
-    billed on AWS) until aborted.  Call only when nobody is uploading there.
+    billed on AWS) until aborted.  Call only when nobody is uploading there;
+    uploads whose key ``keep(key)`` accepts are left alone (saves still running).
 
     Returns:
         ``bucket/key`` of each upload aborted.
@@ -318,6 +319,8 @@ def abort_uploads(fs: Any, prefix: str) -> list[str]:
     listed = _await(fs, fs._call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key_prefix)).result()
     aborted = []
     for up in listed.get("Uploads", []):
+        if keep is not None and keep(up["Key"]):
+            continue
         _await(fs, fs._call_s3(
             "abort_multipart_upload", Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"],
         )).result()
