@@ -127,3 +127,43 @@ def failing_rank(rank: int, world: int, base: str, options: dict[str, Any]) -> N
     dist.barrier()
     out = td.load_full(url, storage_options=options)
     assert out["step"] == 1 and torch.equal(out["big"], torch.full((world * 3 * MIB // 2,), 1.0))
+
+
+KILL_NUMEL = 3 * MIB // 2  # 6 MiB of float32 per rank: two parts of 5 MiB each
+
+
+def kill_state(step: int, mesh: Any) -> dict[str, Any]:
+    """Every value derives from ``step`` (a torn checkpoint shows as mixed steps); no collective."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    local = torch.full((KILL_NUMEL,), float(step))
+    sharded = DTensor.from_local(local, mesh, [Shard(0)], run_check=False)
+    return {"sharded": sharded, "replicated": torch.full((1000,), float(step)), "step": step}
+
+
+def kill_loop(
+    rank: int, world: int, port: int, url: str, options: dict[str, Any], queue: Any, timeout: float
+) -> None:
+    """Save steps 0, 1, 2, ... to ``url`` in 5 MiB parts until a save fails; report on ``queue``."""
+    import time
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import torchaux.distributed as td
+    from torchaux import _knobs
+
+    dist_workers.init(rank, world, port)
+    mesh = init_device_mesh("cpu", (world,))
+    step = 0
+    with _knobs.override(upload_part_bytes=5 * MIB):
+        while True:
+            start = time.monotonic()
+            try:
+                td.save(kill_state(step, mesh), url, storage_options=options, timeout=timeout)
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                dist_workers.report_exc(queue, exc, time.monotonic() - start)
+                queue.close()
+                queue.join_thread()  # flush the report before the hard exit
+                os._exit(0)  # the group is broken: no destroy_process_group (it would hang)
+            queue.put(("ok", rank, step))
+            step += 1

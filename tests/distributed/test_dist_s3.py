@@ -11,7 +11,12 @@ next commit.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import random
 import secrets
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -130,6 +135,69 @@ def test_leftovers_of_a_killed_save_go_with_the_next_commit(s3_bucket: S3Bucket)
     assert len(names) == 2 and ".metadata" in names, names
     assert _uploads(s3_bucket) == ["k/sub/.metadata"]  # another checkpoint's, deeper: kept
     assert td.load_full(url, storage_options=options)["step"] == 2
+
+
+def _kill_run(bucket: S3Bucket, seed: int, timeout: float = 10.0) -> None:
+    """Two ranks save every step to S3 in 5 MiB parts; one is SIGKILLed at a random moment."""
+    rng = random.Random(seed)
+    ctx = multiprocessing.get_context("spawn")
+    reports = ctx.Queue()
+    url = bucket.url(f"kill{seed}")
+    port = dist_workers.free_port()
+    procs = [ctx.Process(target=workers.kill_loop,
+                         args=(r, 2, port, url, bucket.storage_options, reports, timeout))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        oks: dict[int, int] = {}
+        deadline = time.monotonic() + 120
+        while len(oks) < 2:  # both ranks committed at least once: then the kill
+            kind, *rest = reports.get(timeout=max(1, deadline - time.monotonic()))
+            assert kind == "ok", rest
+            oks[rest[0]] = rest[1]
+        time.sleep(rng.uniform(0.0, 0.5))  # staging, uploading parts, voting, committing
+        victim = rng.randrange(2)
+        os.kill(procs[victim].pid, signal.SIGKILL)
+        while True:
+            kind, *rest = reports.get(timeout=timeout + 30)
+            if kind == "ok":
+                oks[rest[0]] = rest[1]
+            else:
+                name, message, _, trace = rest
+                break
+        assert name == "CheckpointError", trace
+        procs[1 - victim].join(30)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(10)
+    out = td.load_full(url, storage_options=bucket.storage_options)
+    step = out["step"]
+    assert step >= min(oks.values()), (step, oks)
+    assert torch.all(out["sharded"] == step) and torch.all(out["replicated"] == step), "torn"
+    assert out["sharded"].numel() == 2 * workers.KILL_NUMEL
+    # The next commit (here one process) removes whatever the killed save left.
+    td.save({"step": -1}, url, storage_options=bucket.storage_options)
+    prefix = url.split("://", 1)[1].split("/", 1)[1]
+    names = _objects(bucket, prefix)
+    assert len(names) == 2 and ".metadata" in names, names
+    assert [k for k in _uploads(bucket) if k.startswith(prefix + "/")] == []
+
+
+@pytest.mark.multiprocess
+def test_sigkill_of_a_rank_during_s3_saves_never_tears_and_leaves_nothing(
+    s3_bucket: S3Bucket,
+) -> None:
+    _kill_run(s3_bucket, seed=0)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("seed", range(1, 11))
+def test_sigkill_s3_seeded_runs(s3_bucket: S3Bucket, seed: int) -> None:
+    _kill_run(s3_bucket, seed)
 
 
 def test_bad_locations_and_options_are_refused_before_any_io(

@@ -73,18 +73,6 @@ def test_one_process_restores_the_two_rank_step_resharded(first_run: Path) -> No
         assert torch.equal(expected["tp"], plain["tp"])
 
 
-def test_distributed_steps_refuse_an_object_store(tmp_path: Path) -> None:
-    from types import SimpleNamespace
-
-    from torchaux.manager.remote_store import RemoteStore
-    from torchaux.manager.sharded import ShardedSteps
-
-    store = object.__new__(RemoteStore)  # no server needed: refused before any request
-    store.location = "s3://bucket/run"
-    with pytest.raises(ValueError, match="needs a local .shared. directory"):
-        ShardedSteps(SimpleNamespace(world=2), store, None, "AES-GCM")  # type: ignore[arg-type]
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[2] / "src")

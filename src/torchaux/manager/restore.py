@@ -25,9 +25,8 @@ def load_step(
     together, None for one process); a one-file step is copied into it.
     """
     if info.layout == LAYOUT_SHARDED:
-        assert isinstance(store, LocalStore)  # distributed steps are only written locally
         return load_sharded(store.step_path(info.step), info, state, process_group=group,
-                            dec_key=enc_key)
+                            dec_key=enc_key, storage_options=storage_options)
     loaded = load_file(store, info, enc_key=enc_key, storage_options=storage_options,
                        map_location=map_location)
     return loaded if state is None else copy_into(state, loaded)

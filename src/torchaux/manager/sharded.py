@@ -19,6 +19,13 @@ ranks agree):
    ``all_steps()`` is the same on every rank once ``wait_until_finished()``
    returned on each, without any rank listing the shared directory.
 
+On an object store (``s3://``, :class:`~torchaux.manager.remote_store.RemoteStore`)
+there is no rename: step 1 writes straight under ``step-<N>/`` (its
+``.metadata`` PUT last, :mod:`torchaux.distributed.remote_commit`), and in
+step 3 rank 0 PUTs ``step-<N>/metadata.json``, the commit marker, after it; a
+step without the marker is never listed and is removed by the next
+manager's start-up.  Replacing a step (``force``) first removes its marker.
+
 Restoring: rank 0 lists the committed steps, picks one and broadcasts it
 (:meth:`ShardedSteps.choose`); then every rank loads it with resharding
 (:func:`torchaux.distributed.load`).  Nothing can delete the chosen step
@@ -42,7 +49,7 @@ from torchaux.manager.background import BackgroundWork, chain
 from torchaux.manager.group import RankGroup
 from torchaux.manager.local_store import LocalStore
 from torchaux.manager.remote_store import RemoteStore
-from torchaux.manager.steps import LAYOUT_SHARDED, StepInfo, check_step
+from torchaux.manager.steps import LAYOUT_SHARDED, StepInfo, check_step, parse_step
 
 __all__ = ["ShardedSteps", "load_sharded"]
 
@@ -61,18 +68,12 @@ def _as_infos(docs: list[dict[str, Any]]) -> list[StepInfo]:
 
 
 class ShardedSteps:
-    """The distributed half of a :class:`~torchaux.CheckpointManager` (local, shared file system)."""
+    """The distributed half of a :class:`~torchaux.CheckpointManager` (shared disk or S3)."""
 
     def __init__(
         self, group: RankGroup, store: LocalStore | RemoteStore, enc_key: bytes | None,
         enc_mode: str,
     ) -> None:
-        if not isinstance(store, LocalStore):
-            raise ValueError(
-                f"a CheckpointManager of {group.world} ranks needs a local (shared) directory; "
-                f"{store.location!r} is remote, which torchaux.distributed does not write yet: "
-                "pass a shared file system path, or process_group=False for one-process steps"
-            )
         self.group = group
         self.store = store
         self.enc_key = enc_key
@@ -191,15 +192,19 @@ class ShardedSteps:
         """
         import torchaux.distributed as td
 
+        remote = isinstance(self.store, RemoteStore)
         # The previous save's engine handle is observed here, on the caller's
         # thread: the engine's next reserve() would otherwise raise its failure
         # on whichever rank got there first (it waits for that save's slot anyway).
         for previous in self._inner:
             previous.exception()
         try:
+            if remote and self.group.is_coordinator:
+                self._unlist_replaced(tmp)
             inner = td.save_async(
                 state, tmp, process_group=self.group.pg, enc_key=self.enc_key,
                 enc_mode=self.enc_mode,
+                storage_options=self.store.options if remote else None,  # type: ignore[union-attr]
             )
         except BaseException as exc:
             if self.group.is_coordinator:
@@ -209,10 +214,25 @@ class ShardedSteps:
         self._inner = [inner]
         return inner
 
+    def _unlist_replaced(self, tmp: str) -> None:
+        """Rank 0, object store: a committed step being replaced (force) stops being listed.
+
+        Its ``.metadata`` changes at the distributed commit, before the new
+        marker: without this the old marker would list the new data meanwhile.
+        """
+        assert isinstance(self.store, RemoteStore)
+        step = parse_step(tmp.rstrip("/").rsplit("/", 1)[-1])
+        if step is not None and step in {i.step for i in self.view()}:
+            self.store.unlist(step)
+
     def _forget(self, tmp: str, *, remove: bool) -> None:
         with _in_flight_lock:
             _in_flight.discard(tmp)
-        if remove:
+        if not remove:
+            return
+        if isinstance(self.store, RemoteStore):
+            self.store.discard_sharded(tmp)  # unlisted: its prefix, marker-less, goes
+        else:
             remove_tree(tmp)
 
     def finish(self, inner: SaveHandle | None, info: StepInfo, tmp: str, n: int) -> StepInfo:
@@ -318,9 +338,13 @@ class ShardedSteps:
 
 
 def load_sharded(
-    path: str, info: StepInfo, state: Any, *, process_group: Any, dec_key: bytes | None
+    path: str, info: StepInfo, state: Any, *, process_group: Any, dec_key: bytes | None,
+    storage_options: dict[str, Any] | None = None,
 ) -> Any:
-    """Load a distributed step: into ``state`` in place (resharding), or whole into one dict."""
+    """Load a distributed step: into ``state`` in place (resharding), or whole into one dict.
+
+    ``path`` is the step's directory or URL prefix (``storage_options`` for a URL).
+    """
     import torchaux.distributed as td
 
     if info.layout != LAYOUT_SHARDED:
@@ -331,11 +355,13 @@ def load_sharded(
         dec_key = None
     elif dec_key is None:
         raise ValueError(f"step {info.step} is encrypted ({info.encrypted}); pass enc_key")
+    options = storage_options if storage_options else None
     if state is None:
-        return td.load_full(path, dec_key=dec_key, dec_mode=mode)
+        return td.load_full(path, dec_key=dec_key, dec_mode=mode, storage_options=options)
     if not isinstance(state, dict):
         raise TypeError(
             f"restore(state=...) of a distributed step needs a dict state; got {type(state).__name__}"
         )
-    td.load(state, path, process_group=process_group, dec_key=dec_key, dec_mode=mode)
+    td.load(state, path, process_group=process_group, dec_key=dec_key, dec_mode=mode,
+            storage_options=options)
     return state
