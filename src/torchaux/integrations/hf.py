@@ -8,11 +8,15 @@ callback clears ``control.should_save`` and writes the same checkpoint itself:
 1. on the training thread, at the step the Trainer would save: the model
    weights (safetensors, sharded with ``model.safetensors.index.json`` above
    ``max_shard_size``, ``{"format": "pt"}`` metadata), ``optimizer.pt``,
-   ``scheduler.pt``, ``scaler.pt`` and ``rng_state.pth`` are copied into warm
-   host buffers (:func:`torchaux.save_checkpoint` / :func:`torchaux.save_async`);
-   the small JSON files (config, tokenizer, ``training_args.bin``) are written
-   directly, into ``tmp-checkpoint-<N>`` (a name HF's rotation glob
-   ``checkpoint-*`` and ``get_last_checkpoint``'s ``^checkpoint-(\\d+)$`` never match);
+   ``scheduler.pt``, ``scaler.pt`` and ``rng_state.pth`` are pickled and given
+   warm host buffers as one save (:mod:`torchaux.integrations.staged_files`);
+   the bytes of the weights and of the optimizer state are copied by the
+   writer thread while the next forward runs, under the engine's ``model=``
+   fences (the next backward's gradient accumulation and optimizer step wait
+   for, or do, what is left); the small JSON files (config, tokenizer,
+   ``training_args.bin``) are written directly, into ``tmp-checkpoint-<N>`` (a
+   name HF's rotation glob ``checkpoint-*`` and ``get_last_checkpoint``'s
+   ``^checkpoint-(\\d+)$`` never match);
 2. at the next Trainer event (after this step's logging and evaluation, as HF
    orders them) ``trainer_state.json`` is added and the folder is queued for
    publication;
@@ -41,11 +45,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from torchaux.checkpoint.api import save_async
 from torchaux.checkpoint.engine import staging
 from torchaux.checkpoint.engine.saver import AsyncSaver, SaveHandle
-from torchaux.checkpoint.save import save_checkpoint
 from torchaux.checkpoint.storage.directory import publish_directory, remove_stale, remove_tree
+from torchaux.integrations.staged_files import StagedFile, save_files
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -135,6 +138,12 @@ class AsyncSaveCallback(TrainerCallback):  # type: ignore[misc]
             stale = [n for n in os.listdir(args.output_dir)
                      if n.startswith(STAGING_PREFIX) and _PUBLISHED.match(n[len(STAGING_PREFIX):])]
             remove_stale(args.output_dir, stale)  # left by a killed run
+        strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+        if args.should_save and strategy != "no" and _is_pretrained(model):
+            # transformers builds its weight-conversion table on first use (0.3 s,
+            # cached process-wide): here, not in the first save's stall.
+            _hf_weights(model, model.state_dict())
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._finish(args, state)
@@ -181,15 +190,20 @@ class AsyncSaveCallback(TrainerCallback):  # type: ignore[misc]
         # HF records the control flags of the save step itself in trainer_state.json.
         pending = _Pending(step, staging_dir, final, control_state=control_state)
         self._pending = pending
-        self._save_model(trainer, pending)
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+        files = self._model_files(trainer, model, pending)
         if not args.save_only_model:
-            self._save_training_state(trainer, pending)
+            files += self._training_state_files(trainer, pending)
+        # One job: the weights' and optimizer's bytes are copied by the writer while
+        # the next forward runs (fenced on the trained module); publish_directory
+        # fsyncs every file before the rename, so the files skip their own fsyncs.
+        pending.files.append(save_files(files, saver=self._saver, model=trainer.model, durable=False))
 
-    def _save_model(self, trainer: Trainer, pending: _Pending) -> None:
+    def _model_files(self, trainer: Trainer, model: Any, pending: _Pending) -> list[StagedFile]:
+        """The weights as ``save_pretrained`` shards them; the small JSON/args files written now."""
         from huggingface_hub import split_torch_state_dict_into_shards
         from transformers import PreTrainedModel
 
-        model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
         state_dict = model.state_dict()
         if isinstance(model, PreTrainedModel):
             state_dict = _hf_weights(model, state_dict)
@@ -199,12 +213,12 @@ class AsyncSaveCallback(TrainerCallback):  # type: ignore[misc]
         split = split_torch_state_dict_into_shards(
             state_dict, filename_pattern="model{suffix}.safetensors", max_shard_size=self.max_shard_size
         )
-        for filename, names in split.filename_to_tensors.items():
-            shard = {name: state_dict[name] for name in names}
-            pending.files.append(save_checkpoint(
-                shard, os.path.join(pending.staging, filename), async_save=True,
-                format="safetensors", saver=self._saver, file_mode=0o644,
-            ))
+        files = [
+            StagedFile(os.path.join(pending.staging, filename),
+                       {name: state_dict[name] for name in names}, "safetensors",
+                       defer=True, mode=0o644)
+            for filename, names in split.filename_to_tensors.items()
+        ]
         if split.is_sharded:
             index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
             if isinstance(model, PreTrainedModel):
@@ -216,17 +230,18 @@ class AsyncSaveCallback(TrainerCallback):  # type: ignore[misc]
         if processor is not None:
             processor.save_pretrained(pending.staging)
         torch.save(trainer.args, os.path.join(pending.staging, "training_args.bin"))
+        return files
 
-    def _save_training_state(self, trainer: Trainer, pending: _Pending) -> None:
-        def put(obj: object, name: str) -> None:
-            pending.files.append(save_async(obj, os.path.join(pending.staging, name), saver=self._saver))
+    def _training_state_files(self, trainer: Trainer, pending: _Pending) -> list[StagedFile]:
+        def file(obj: object, name: str, defer: bool = False) -> StagedFile:
+            return StagedFile(os.path.join(pending.staging, name), obj, "torch", defer=defer)
 
-        put(trainer.optimizer.state_dict(), "optimizer.pt")
+        files = [file(trainer.optimizer.state_dict(), "optimizer.pt", defer=True)]
         if trainer.lr_scheduler is not None:
-            put(trainer.lr_scheduler.state_dict(), "scheduler.pt")
+            files.append(file(trainer.lr_scheduler.state_dict(), "scheduler.pt"))
         scaler = getattr(trainer.accelerator, "scaler", None)
         if scaler is not None:
-            put(scaler.state_dict(), "scaler.pt")
+            files.append(file(scaler.state_dict(), "scaler.pt"))
         # Same entries as Trainer._save_rng_state (transformers 5.x, single process).
         rng: dict[str, Any] = {
             "python": random.getstate(),
@@ -235,7 +250,8 @@ class AsyncSaveCallback(TrainerCallback):  # type: ignore[misc]
         }
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.random.get_rng_state()
-        put(rng, "rng_state.pth")
+        files.append(file(rng, "rng_state.pth"))
+        return files
 
     def _finish(self, args: Any, state: Any) -> None:
         """Add trainer_state.json to the staged checkpoint and queue its publication."""
@@ -300,6 +316,12 @@ class AsyncSaveCallback(TrainerCallback):  # type: ignore[misc]
                     "AsyncSaveCallback(trainer=trainer) and trainer.add_callback(...)"
                 )
         return self._trainer
+
+
+def _is_pretrained(model: Any) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
 
 
 def _hf_weights(model: Any, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
