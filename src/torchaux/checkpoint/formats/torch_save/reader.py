@@ -18,6 +18,7 @@ weights_only=True)``.  Peak memory is the storages plus the small members.
 from __future__ import annotations
 
 import io
+import logging
 import pickle
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,8 @@ import torch
 from torchaux.checkpoint.formats.fill import Source, Target, allocate, checksum, fill, storage_view
 from torchaux.checkpoint.formats.torch_save import integrity
 from torchaux.errors import IntegrityError
+
+_log = logging.getLogger("torchaux")
 
 __all__ = ["SourceFile", "ZipRecords", "read_zip", "unpickle"]
 
@@ -321,6 +324,19 @@ def unpickle(records: ZipRecords, map_location: Any = None, **pickle_load_args: 
             f"{records.path}: the archive has no {_quote(records.prefix + 'data.pkl')}; it is not "
             "a torch.save file (or a TorchScript archive: use torch.jit.load)"
         )
+    if not pickle_load_args.keys() - {"encoding"}:
+        from torchaux.checkpoint.formats.torch_save import fast_unpickler
+
+        try:
+            return fast_unpickler.check_result(
+                _load(records, map_location, fast_unpickler, **pickle_load_args)
+            )
+        except Exception as exc:  # noqa: BLE001 - not dropped: torch's unpickler answers below
+            # Not a plain state dict (NotPlain), or damaged: the same bytes go
+            # through torch's weights-only unpickler, whose result or error is
+            # the answer (fast_unpickler's docstring).
+            _log.debug("torchaux: %s: fast unpickler declined (%r); using torch's weights-only "
+                       "unpickler", records.path, exc)
     try:
         return _load(records, map_location, _weights_only_unpickler, **pickle_load_args)
     except pickle.UnpicklingError as exc:
