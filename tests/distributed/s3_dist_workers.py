@@ -91,7 +91,7 @@ def contract(rank: int, world: int, base: str, options: dict[str, Any], root: st
 
 
 def failing_rank(rank: int, world: int, base: str, options: dict[str, Any]) -> None:
-    """Rank 1's upload fails after its first part: nothing is committed, nothing is left over."""
+    """Rank 1's upload fails after its first part, then rank 0's write: nothing committed or left."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -108,6 +108,7 @@ def failing_rank(rank: int, world: int, base: str, options: dict[str, Any]) -> N
         big = distribute_tensor(torch.full((world * 3 * MIB // 2,), float(step)), mesh, [Shard(0)])
         return {"big": big, "small": torch.full((4,), float(step)), "step": step}
 
+    original_file = StorageWriter._write_rank_file
     with _knobs.override(upload_part_bytes=5 * MIB):
         td.save(state(1), url, storage_options=options, timeout=60)
         original = StorageWriter._write_chunk
@@ -123,10 +124,26 @@ def failing_rank(rank: int, world: int, base: str, options: dict[str, Any]) -> N
                           storage_options=options, timeout=60)
         finally:
             StorageWriter._write_chunk = original  # type: ignore[method-assign]
-    assert "No space left" in str(exc) or "nothing was committed" in str(exc), (rank, exc)
+    assert "No space left" in str(exc), (rank, exc)  # rank 0 names rank 1's cause
     dist.barrier()
     out = td.load_full(url, storage_options=options)
     assert out["step"] == 1 and torch.equal(out["big"], torch.full((world * 3 * MIB // 2,), 1.0))
+
+    # The coordinator's own write fails: the others hear its cause at once (they
+    # wait for the outcome, not for the timeout), and nothing is committed.
+    if rank == 0:
+        def refused(self: Any, *args: Any, **kwargs: Any) -> Any:
+            raise OSError(5, "Input/output error (injected on the coordinator)")
+
+        StorageWriter._write_rank_file = refused  # type: ignore[method-assign]
+    try:
+        exc = _expect((CheckpointError, OSError), td.save, state(3), url,  # type: ignore[arg-type]
+                      storage_options=options, timeout=600)
+    finally:
+        StorageWriter._write_rank_file = original_file  # type: ignore[method-assign]
+    assert "injected on the coordinator" in str(exc), (rank, exc)
+    dist.barrier()
+    assert td.load_full(url, storage_options=options)["step"] == 1
 
 
 KILL_NUMEL = 3 * MIB // 2  # 6 MiB of float32 per rank: two parts of 5 MiB each
