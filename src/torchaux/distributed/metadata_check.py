@@ -181,10 +181,13 @@ def check_metadata(
         else:
             raise _fail(where, f"entry {fqn!r} is of type {type(entry).__name__}, expected "
                                "TensorStorageMetadata or BytesStorageMetadata")
-        if planner_data is not None and fqn in planner_data and not isinstance(
-            planner_data[fqn], (tuple, list)
-        ):
-            raise _fail(where, f"planner_data of {fqn!r} is {planner_data[fqn]!r}, expected a key path")
+        if planner_data is not None and fqn in planner_data:
+            path = planner_data[fqn]
+            # DCP flattens a nested key path by joining it with dots
+            # (torch/distributed/checkpoint/_nested_dict.py); any other path
+            # rebuilds a key that the metadata does not have.
+            if not isinstance(path, (tuple, list)) or ".".join(map(str, path)) != fqn:
+                raise _fail(where, f"planner_data of {fqn!r} is {path!r}, not the key path of {fqn!r}")
         for offsets, raw_bytes in chunks:
             key = MetadataIndex(fqn, offsets)
             if key not in storage:
