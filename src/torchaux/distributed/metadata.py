@@ -23,7 +23,7 @@ from torchaux.distributed.layout import METADATA_NAME
 from torchaux.distributed.metadata_check import check_metadata
 from torchaux.errors import IntegrityError, UnsupportedFormatError
 
-__all__ = ["read_metadata", "metadata_path"]
+__all__ = ["read_metadata", "parse_metadata", "metadata_path"]
 
 _ALLOWED: dict[str, set[str]] = {
     "torch.distributed.checkpoint.metadata": {
@@ -82,6 +82,21 @@ def read_metadata(checkpoint_dir: str | os.PathLike[str]) -> Metadata:
             "distributed checkpoint (a save that never committed leaves none); pass the "
             "directory given to save"
         ) from None
+    return parse_metadata(raw, path, _local_sizes(os.fspath(checkpoint_dir)))
+
+
+def parse_metadata(
+    raw: bytes, where: str, file_size: Callable[[str], int | None] | None = None
+) -> Metadata:
+    """Unpickle ``.metadata`` bytes with the allow-list and check them (:mod:`.metadata_check`).
+
+    ``where`` names the file in messages; ``file_size`` gives each data
+    file's size by its relative path (stored ranges must lie inside it).
+
+    Raises:
+        IntegrityError: truncated, not a DCP metadata pickle, or malformed.
+        UnsupportedFormatError: it names types outside the allow-list.
+    """
     try:
         metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
     except UnsupportedFormatError:
@@ -91,12 +106,12 @@ def read_metadata(checkpoint_dir: str | os.PathLike[str]) -> Metadata:
         # KeyError: an allow-listed constructor (torch.serialization._get_layout)
         # given an unknown name; OverflowError/MemoryError: length fields that
         # claim more bytes than exist (tests/distributed/test_metadata_fuzz.py).
-        raise IntegrityError(f"{path} is damaged or not a DCP metadata file: {exc!r}") from exc
+        raise IntegrityError(f"{where} is damaged or not a DCP metadata file: {exc!r}") from exc
     if not isinstance(metadata, Metadata):
         raise IntegrityError(
-            f"{path} holds a {type(metadata).__name__}, expected a DCP Metadata object"
+            f"{where} holds a {type(metadata).__name__}, expected a DCP Metadata object"
         )
-    check_metadata(metadata, path, _local_sizes(os.fspath(checkpoint_dir)))
+    check_metadata(metadata, where, file_size)
     return metadata
 
 

@@ -31,7 +31,6 @@ import asyncio
 import collections
 import io
 import os
-import pickle
 from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any
@@ -41,9 +40,8 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torchaux import _knobs
 from torchaux.checkpoint.storage import remote
 from torchaux.distributed.layout import METADATA_NAME
-from torchaux.distributed.metadata import _MetadataUnpickler
-from torchaux.distributed.metadata_check import check_metadata
-from torchaux.errors import IntegrityError, UnsupportedFormatError
+from torchaux.distributed.metadata import parse_metadata
+from torchaux.errors import IntegrityError
 
 __all__ = ["locate", "RemoteDir", "RangedFile"]
 
@@ -138,23 +136,10 @@ class RemoteDir:
                 f"{where} does not exist: {self.url!r} holds no committed distributed "
                 "checkpoint (a save that never committed leaves none); pass the URL given to save"
             ) from None
-        try:
-            metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
-        except UnsupportedFormatError:
-            raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-                KeyError, OverflowError, MemoryError) as exc:
-            raise IntegrityError(f"{where} is damaged or not a DCP metadata file: {exc!r}") from exc
-        if not isinstance(metadata, Metadata):
-            raise IntegrityError(
-                f"{where} holds a {type(metadata).__name__}, expected a DCP Metadata object"
-            )
         if check_sizes:
             self._seen = self.sizes()
-            check_metadata(metadata, where, self._seen.get)
-        else:
-            check_metadata(metadata, where)
-        return metadata
+            return parse_metadata(raw, where, self._seen.get)
+        return parse_metadata(raw, where)
 
     def open(self, name: str) -> RangedFile:
         """The data object ``name`` for ranged reads (its size from the metadata check's listing).

@@ -79,7 +79,8 @@ class CheckpointManager:
             process alone even in a distributed job.  With a group, every
             rank constructs the manager and calls ``save``/``restore`` with the
             same steps (each a collective on the caller's thread), ``directory``
-            is a local path every rank sees (a shared file system), and
+            is a local path every rank sees (a shared file system) or an
+            ``s3://`` URL (the same ``storage_options`` on every rank), and
             ``state`` is the rank's state dict (DTensor/FSDP2 from
             ``get_state_dict``, replicated DDP tensors, plain values).  Rank 0's
             ``metrics`` are the ones kept; the listing methods return the
