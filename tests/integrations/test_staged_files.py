@@ -43,8 +43,8 @@ def _held_saver(tmp_path: Path) -> tuple[AsyncSaver, _GatedSink, object]:
 def _files(tmp_path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[StagedFile]:
     return [
         StagedFile(str(tmp_path / "model.safetensors"), dict(model.state_dict()), "safetensors",
-                   defer=True),
-        StagedFile(str(tmp_path / "optimizer.pt"), opt.state_dict(), "torch", defer=True),
+                   defer="model"),
+        StagedFile(str(tmp_path / "optimizer.pt"), opt.state_dict(), "torch", defer="optimizer"),
         StagedFile(str(tmp_path / "extra.pt"), {"step": 7, "t": torch.arange(3)}, "torch"),
     ]
 
@@ -65,15 +65,20 @@ def test_files_hold_the_values_at_the_call_across_a_training_step(tmp_path: Path
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     moments = opt.state_dict()["state"][0]["exp_avg"].clone()
     saver, sink, blocker = _held_saver(tmp_path)
-    handle = save_files(_files(tmp_path, model, opt), saver=saver, model=model)
-    assert fence.armed_count() == 2  # the two deferred files; extra.pt was copied at the call
-    blocked = fence_blocked_seconds()
-    model(torch.randn(4, 8)).sum().backward()  # gradient accumulation: fenced, copies everything
-    assert fence_blocked_seconds() > blocked  # the training thread made the copies itself
-    opt.step()
-    assert not torch.equal(model[0].weight, weights["0.weight"])
-    sink.go.set()
+    try:
+        handle = save_files(_files(tmp_path, model, opt), saver=saver, model=model)
+        assert fence.armed_count() == 2  # the two deferred files; extra.pt was copied at the call
+        blocked = fence_blocked_seconds()
+        model(torch.randn(4, 8)).sum().backward()  # gradient accumulation: the weights' fence
+        after_backward = fence_blocked_seconds()
+        opt.step()  # the optimizer state's fence: copied before the step changes it
+        after_step = fence_blocked_seconds()
+    finally:
+        sink.go.set()
     handle.wait()
+    assert after_backward > blocked  # the training thread copied the weights itself ...
+    assert after_step > after_backward  # ... and the optimizer state only at the step
+    assert not torch.equal(model[0].weight, weights["0.weight"])
     blocker.wait()  # type: ignore[attr-defined]
     saver.close()
     assert fence.armed_count() == 0 and not fence.hooks_installed()
@@ -88,10 +93,12 @@ def test_unfenced_change_fails_the_save_and_writes_nothing(tmp_path: Path) -> No
     """An in-place change the fences do not order (a raw add_) is caught: TensorChangedError, no file."""
     model, opt = _trained()
     saver, sink, _ = _held_saver(tmp_path)
-    handle = save_files(_files(tmp_path, model, opt), saver=saver, model=model)
-    with torch.no_grad():
-        model[1].bias.add_(1.0)  # not through forward/backward/step: only the version check sees it
-    sink.go.set()
+    try:
+        handle = save_files(_files(tmp_path, model, opt), saver=saver, model=model)
+        with torch.no_grad():
+            model[1].bias.add_(1.0)  # not through forward/backward/step: the version check sees it
+    finally:
+        sink.go.set()
     with pytest.raises(TensorChangedError):
         handle.wait()
     saver.close()

@@ -40,7 +40,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -216,7 +216,7 @@ class AsyncSaveCallback(TrainerCallback):  # type: ignore[misc]
         files = [
             StagedFile(os.path.join(pending.staging, filename),
                        {name: state_dict[name] for name in names}, "safetensors",
-                       defer=True, mode=0o644)
+                       defer="model", mode=0o644)
             for filename, names in split.filename_to_tensors.items()
         ]
         if split.is_sharded:
@@ -233,10 +233,11 @@ class AsyncSaveCallback(TrainerCallback):  # type: ignore[misc]
         return files
 
     def _training_state_files(self, trainer: Trainer, pending: _Pending) -> list[StagedFile]:
-        def file(obj: object, name: str, defer: bool = False) -> StagedFile:
+        def file(obj: object, name: str, defer: Literal["optimizer"] | None = None) -> StagedFile:
             return StagedFile(os.path.join(pending.staging, name), obj, "torch", defer=defer)
 
-        files = [file(trainer.optimizer.state_dict(), "optimizer.pt", defer=True)]
+        # Only optimizer.step() changes the optimizer's state: its copy may overlap the backward.
+        files = [file(trainer.optimizer.state_dict(), "optimizer.pt", defer="optimizer")]
         if trainer.lr_scheduler is not None:
             files.append(file(trainer.lr_scheduler.state_dict(), "scheduler.pt"))
         scaler = getattr(trainer.accelerator, "scaler", None)

@@ -8,13 +8,21 @@ one call, on the training thread:
   get warm host buffers from the saver's pool: one reservation, one job;
 * with ``model=``, the bytes of the files marked ``defer`` (the big ones: the
   weights and the optimizer state) are not copied at the call: the writer
-  thread copies them first thing, while the next forward runs, under the
-  engine's ``model=`` fences (:mod:`torchaux.checkpoint.engine.fence`: the
-  model's forward, gradient accumulation into its parameters, every optimizer
-  step and ``load_state_dict`` wait for what they would change, copying it
-  themselves if the writer has not yet; any other in-place change fails the
-  save with :class:`~torchaux.errors.TensorChangedError`).  The training
-  thread then pays the pickling and bookkeeping, not the memcpy;
+  thread copies them first thing, while the next step runs, under the
+  engine's fences (:mod:`torchaux.checkpoint.engine.fence`), which wait for
+  what they would change, copying it themselves if the writer has not yet:
+
+  - ``defer="model"`` (weights): the model's forward, gradient accumulation
+    into its parameters, ``load_state_dict`` and every optimizer step (the
+    ``save_async(model=)`` fences);
+  - ``defer="optimizer"`` (optimizer state, which only ``step()`` changes):
+    every ``torch.optim`` optimizer step, so the copy also overlaps the
+    backward;
+
+  any other in-place change of a deferred tensor before its copy fails the
+  save with :class:`~torchaux.errors.TensorChangedError` (never a silently
+  mixed file).  The training thread pays the pickling and bookkeeping, not
+  the memcpy;
 * the writer job then writes every file through the saver's sink, in order.
 
 ``durable=False`` skips the per-file fsync and directory fsync of the default
@@ -72,8 +80,9 @@ class StagedFile:
         format: ``"torch"`` (``torch.save``'s zip, loads with ``torch.load``)
             or ``"safetensors"`` (``{"format": "pt"}`` metadata, as
             ``save_pretrained``).
-        defer: copy its bytes on the writer thread under the ``model=`` fences
-            (only when :func:`save_files` gets a ``model``).
+        defer: ``None`` (copied at the call), ``"model"`` or ``"optimizer"``:
+            copied on the writer thread under those fences (module docstring;
+            only when :func:`save_files` gets a ``model``).
         mode: permission bits of the new file (default sink only); ``None``:
             ``0o666`` minus the umask, as ``open()``.
     """
@@ -81,8 +90,14 @@ class StagedFile:
     path: str
     obj: Any
     format: Literal["torch", "safetensors"]
-    defer: bool = False
+    defer: Literal["model", "optimizer"] | None = None
     mode: int | None = None
+
+
+#: What a ``defer="optimizer"`` snapshot is armed on: a module without
+#: parameters or submodules, so only the process-wide optimizer-step fence
+#: applies (and its own load_state_dict, which nobody calls).
+_STEP_ONLY = torch.nn.Module()
 
 
 def _stage(file: StagedFile, pool: staging.HostBufferPool, deferred: bool,
@@ -128,6 +143,8 @@ def save_files(
         Exception: the unobserved failure of an earlier save on ``saver``.
     """
     for file in files:
+        if file.defer not in (None, "model", "optimizer"):
+            raise ValueError(f"StagedFile.defer must be None, 'model' or 'optimizer', got {file.defer!r}")
         if file.format not in ("torch", "safetensors"):
             raise ValueError(f"StagedFile.format must be 'torch' or 'safetensors', got {file.format!r}")
         if file.format == "safetensors":
@@ -143,23 +160,33 @@ def save_files(
     options = capture_options()  # torch's save settings are the calling thread's
     sink: Callable[..., Any] = saver.sink
     snaps: list[staging.Snapshot] = []
-    armed: list[staging.Snapshot] = []
+    armed: list[tuple[torch.nn.Module, staging.Snapshot]] = []
     handle: SaveHandle | None = None
     submitting = False
     saver.reserve()
     pool = saver.pool  # the reservation's pool: buffers go back to the same one
     try:
-        for file in files:
-            deferred = defer and file.defer
-            snaps.append(_stage(file, pool, deferred, order if deferred else ()))
+        # Deferred files first: the writer copies in this order (the model's
+        # fences come before the optimizer step's).
+        staged = sorted(range(len(files)), key=lambda i: (files[i].defer is None,
+                                                          files[i].defer == "optimizer"))
+        by_index: dict[int, staging.Snapshot] = {}
+        for i in staged:
+            file = files[i]
+            deferred = defer and file.defer is not None
+            by_model = deferred and file.defer == "model"
+            by_index[i] = _stage(file, pool, deferred, order if by_model else ())
+            snaps.append(by_index[i])
             if deferred:
-                fence.arm(model, snaps[-1])  # type: ignore[arg-type]
-                armed.append(snaps[-1])
+                anchor = model if by_model else _STEP_ONLY
+                fence.arm(anchor, by_index[i])  # type: ignore[arg-type]
+                armed.append((anchor, by_index[i]))  # type: ignore[arg-type]
+        in_order = [by_index[i] for i in range(len(files))]
 
         def write(_: staging.Snapshot) -> None:
             try:
-                _finish(snaps, armed, model)
-                for file, snap in zip(files, snaps):
+                _finish(snaps, armed)
+                for file, snap in zip(files, in_order):
                     target = sink
                     if sink is atomic_write:
                         target = functools.partial(atomic_write, mode=file.mode,
@@ -171,11 +198,12 @@ def save_files(
                             write_torch_save(snap, out, archive_name=archive_name_for(file.path),
                                              options=options)
             finally:
-                for snap in armed:
-                    fence.disarm(model, snap)  # type: ignore[arg-type]
+                for anchor, snap in armed:
+                    fence.disarm(anchor, snap)
                 for snap in snaps:
                     snap.release(pool)
                 snaps.clear()
+                in_order.clear()
 
         empty = staging.stage({}, pool=pool, pickle_module=pickle, pickle_protocol=2)
         submitting = True
@@ -185,8 +213,8 @@ def save_files(
         # KeyboardInterrupt may land on any line: no armed fence, no held buffers,
         # and no reserved slot unless the saver took the job.
         if handle is None:
-            for snap in armed:
-                fence.disarm(model, snap)  # type: ignore[arg-type]
+            for anchor, snap in armed:
+                fence.disarm(anchor, snap)
             for snap in snaps:
                 snap.release(pool)
             if submitting:
@@ -196,21 +224,22 @@ def save_files(
         raise
 
 
-def _finish(snaps: list[staging.Snapshot], armed: list[staging.Snapshot],
-            model: torch.nn.Module | None) -> None:
-    """Complete every snapshot's copies (deferred ones first), releasing each one's fences.
+def _finish(snaps: list[staging.Snapshot],
+            armed: list[tuple[torch.nn.Module, staging.Snapshot]]) -> None:
+    """Complete every snapshot's copies (in staging order: deferred first), releasing its fences.
 
     Every snapshot is finished even when one fails (so no fence stays armed
     and no live storage stays referenced); the first failure is raised.
     """
     error: BaseException | None = None
-    fenced = {id(s) for s in armed}  # by identity: a Snapshot's == compares its fields
-    for snap in armed + [s for s in snaps if id(s) not in fenced]:
+    anchors = {id(snap): anchor for anchor, snap in armed}  # by identity: == compares fields
+    for snap in snaps:
         try:
             snap.finish_staging()
         except BaseException as exc:  # noqa: BLE001 - the first one is raised below
             error = error or exc
-        if id(snap) in fenced:
-            fence.disarm(model, snap)  # type: ignore[arg-type]
+        anchor = anchors.get(id(snap))
+        if anchor is not None:
+            fence.disarm(anchor, snap)
     if error is not None:
         raise error
