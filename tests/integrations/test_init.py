@@ -15,3 +15,13 @@ def test_import_torchaux_imports_no_framework() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_accelerate_module_imports_accelerate_only_when_used() -> None:
+    """torchaux.integrations.accelerate (and staged_files) import no framework until a function is called."""
+    code = (
+        "import sys, torchaux.integrations.accelerate, torchaux.integrations.staged_files\n"
+        "print(sorted(m for m in ('lightning', 'transformers', 'accelerate') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
