@@ -1,6 +1,6 @@
 """torchaux.distributed on S3: the local contract on a real S3 server (moto on 127.0.0.1).
 
-Tests src/torchaux/distributed/remote_io.py, remote_commit.py and the URL
+Tests src/torchaux/distributed/remote/ (access.py, commit.py) and the URL
 paths of api.py, writer.py and reader.py.  Two spawned gloo ranks save FSDP2
 + Adam state, a replicated tensor, a column-sharded DTensor and plain values
 to ``s3://``, load them back, read and write stock DCP's ``FsspecReader`` /
@@ -29,7 +29,7 @@ import s3_dist_workers as workers
 import torchaux.distributed as td
 from s3_server import S3Bucket, storage_options_for
 from torchaux.checkpoint.storage import remote
-from torchaux.distributed.remote_io import RemoteDir
+from torchaux.distributed.remote.access import RemoteDir
 from torchaux.errors import IntegrityError
 
 

@@ -20,7 +20,7 @@ load the original values.  The default run is seeded and small;
 
 Defects this fuzzer found (non-tensor values of stock files escaping as
 torch's own errors, a Metadata with missing fields or chunk entries) are fixed
-in reader._load_bytes and metadata_check.py; their tests below stay as
+in reader._load_bytes and metadata/check.py; their tests below stay as
 regression tests.
 """
 

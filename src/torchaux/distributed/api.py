@@ -47,7 +47,7 @@ from torchaux.checkpoint.engine.saver import AsyncSaver, SaveHandle
 from torchaux.checkpoint.engine.staging import Snapshot
 from torchaux.distributed.commit import StoreVote
 from torchaux.distributed.reader import SafeFullLoadPlanner, SafeLoadPlanner, StorageReader
-from torchaux.distributed.remote_io import locate
+from torchaux.distributed.remote.access import locate
 from torchaux.distributed.stager import stage_state_dict
 from torchaux.distributed.writer import StorageWriter
 
@@ -149,7 +149,7 @@ def save_async(
             ``{"client_kwargs": {"endpoint_url": ...}}``).  Each rank streams
             its shards from the staged buffers into a multipart upload of its
             data object; the coordinator PUTs ``.metadata`` last, which is the
-            commit (:mod:`torchaux.distributed.remote_commit`).
+            commit (:mod:`torchaux.distributed.remote.commit`).
 
     Raises:
         InvalidArgumentError: a legacy ``ShardedTensor`` in ``state_dict``.

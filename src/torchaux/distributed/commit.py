@@ -23,7 +23,7 @@ collective, so a dead rank makes the others fail within the timeout instead
 of hanging until the process group's watchdog.
 
 On an object store (``s3://``) the commit is
-:func:`torchaux.distributed.remote_commit.publish_remote` instead (no rename:
+:func:`torchaux.distributed.remote.commit.publish_remote` instead (no rename:
 the ranks upload under the generation's names directly, ``.metadata`` is PUT
 last); the vote is the same.
 """

@@ -44,7 +44,7 @@ from torchaux.distributed.checksums import checksum as compute_checksum
 from torchaux.distributed.chunks import BufferFile, chunk_tensor, read_into
 from torchaux.distributed.layout import ENCRYPTION_DESCRIPTOR, EXTRAS_KEY, FORMAT_VERSION
 from torchaux.distributed.metadata import read_metadata
-from torchaux.distributed.remote_io import locate
+from torchaux.distributed.remote.access import locate
 from torchaux.errors import DecryptionError, IntegrityError, UnsupportedFormatError
 
 # Chunks from this size on are read straight into their destination (one copy
@@ -107,7 +107,7 @@ class StorageReader(_DcpStorageReader):
         dec_mode: the mode it was encrypted with (``"AES-GCM"`` by default).
         verify: check chunk checksums where the checkpoint has them.
         storage_options: fsspec options for a URL ``path``; chunks are then
-            read with ranged GETs (:mod:`torchaux.distributed.remote_io`).
+            read with ranged GETs (:mod:`torchaux.distributed.remote.access`).
     """
 
     def __init__(

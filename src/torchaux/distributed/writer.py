@@ -18,7 +18,7 @@ On an fsspec URL (``s3://bucket/prefix``, with ``storage_options``) each rank
 streams its chunks into a multipart upload of its data object under its final,
 generation-unique name (:func:`torchaux.checkpoint.storage.remote.upload`:
 bounded part buffers, the object appears only when complete), and ``finish``
-PUTs ``.metadata`` last (:func:`torchaux.distributed.remote_commit.publish_remote`).
+PUTs ``.metadata`` last (:func:`torchaux.distributed.remote.commit.publish_remote`).
 
 >>> import torch, torch.distributed.checkpoint as dcp, warnings
 >>> d = os.path.join(doctest_tmp, "ck")
@@ -55,7 +55,7 @@ from torchaux.distributed.checksums import HashingWriter, default_algorithm
 from torchaux.checkpoint.storage import remote
 from torchaux.distributed.commit import publish
 from torchaux.distributed.layout import ENCRYPTION_DESCRIPTOR, EXTRAS_KEY, data_file_name
-from torchaux.distributed.remote_io import locate
+from torchaux.distributed.remote.access import locate
 
 __all__ = ["StorageWriter"]
 
@@ -187,7 +187,7 @@ class StorageWriter(_DcpStorageWriter):
         if generation is None:
             raise RuntimeError("finish() called before prepare_global_plan() on the coordinator")
         if self.remote is not None:
-            from torchaux.distributed.remote_commit import publish_remote
+            from torchaux.distributed.remote.commit import publish_remote
 
             publish_remote(
                 self.remote, generation, metadata, results, storage_meta=self.storage_meta(),
@@ -219,7 +219,7 @@ class StorageWriter(_DcpStorageWriter):
         On a local disk the staged file is inside the generation's staging
         folder, which the next commit removes.  On an object store the rank's
         completed data object is deleted unless the committed ``.metadata``
-        references it (:func:`torchaux.distributed.remote_commit.discard_objects`).
+        references it (:func:`torchaux.distributed.remote.commit.discard_objects`).
 
         Returns:
             The objects deleted.
@@ -227,7 +227,7 @@ class StorageWriter(_DcpStorageWriter):
         names, self.uploaded = self.uploaded, []
         if self.remote is None or not names:
             return []
-        from torchaux.distributed.remote_commit import discard_objects
+        from torchaux.distributed.remote.commit import discard_objects
 
         return discard_objects(self.remote, names)
 

@@ -20,7 +20,7 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata
 
 from torchaux.distributed.layout import METADATA_NAME
-from torchaux.distributed.metadata_check import check_metadata
+from torchaux.distributed.metadata.check import check_metadata
 from torchaux.errors import IntegrityError, UnsupportedFormatError
 
 __all__ = ["read_metadata", "parse_metadata", "metadata_path"]
@@ -88,7 +88,7 @@ def read_metadata(checkpoint_dir: str | os.PathLike[str]) -> Metadata:
 def parse_metadata(
     raw: bytes, where: str, file_size: Callable[[str], int | None] | None = None
 ) -> Metadata:
-    """Unpickle ``.metadata`` bytes with the allow-list and check them (:mod:`.metadata_check`).
+    """Unpickle ``.metadata`` bytes with the allow-list and check them (:mod:`.check`).
 
     ``where`` names the file in messages; ``file_size`` gives each data
     file's size by its relative path (stored ranges must lie inside it).

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torchaux.checkpoint.storage import remote
 from torchaux.distributed.commit import complete_metadata
 from torchaux.distributed.layout import DATA_SUFFIX, EXTRAS_KEY, METADATA_NAME
-from torchaux.distributed.remote_io import RemoteDir
+from torchaux.distributed.remote.access import RemoteDir
 from torchaux.errors import CheckpointError
 
 __all__ = ["publish_remote", "remove_unreferenced_objects", "discard_objects", "referenced_files"]

@@ -15,7 +15,7 @@ checkpoint and torchaux reads what ``FsspecWriter`` wrote.
   ``TORCHAUX_UPLOAD_PART_BYTES``, at most ``TORCHAUX_UPLOAD_CONCURRENCY`` in
   flight, straight into the reader's buffer).
 
-Writing and the commit are in :mod:`.writer` and :mod:`.remote_commit`.
+Writing and the commit are in :mod:`torchaux.distributed.writer` and :mod:`.commit`.
 
 >>> locate("s3://bucket/run/step-1/", None, "load")[0]
 's3://bucket/run/step-1'
