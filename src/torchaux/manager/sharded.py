@@ -21,7 +21,7 @@ ranks agree):
 
 On an object store (``s3://``, :class:`~torchaux.manager.remote_store.RemoteStore`)
 there is no rename: step 1 writes straight under ``step-<N>/`` (its
-``.metadata`` PUT last, :mod:`torchaux.distributed.remote_commit`), and in
+``.metadata`` PUT last, :mod:`torchaux.distributed.remote.commit`), and in
 step 3 rank 0 PUTs ``step-<N>/metadata.json``, the commit marker, after it; a
 step without the marker is never listed and is removed by the next
 manager's start-up.  Replacing a step (``force``) first removes its marker.
