@@ -25,7 +25,9 @@ What a user pays is measured in the steady state of a long run:
   spread is printed too);
 * the stall per checkpoint is the seconds the training thread spends inside
   the checkpoint calls in the window (``Trainer.save_checkpoint`` for
-  Lightning, ``Trainer._save_checkpoint`` or the callback's two halves for HF);
+  Lightning, ``Trainer._save_checkpoint`` or the callback's two halves for HF),
+  plus the seconds it spent in torchaux's ``model=`` fences (copies the
+  writer had not made yet when the next backward or optimizer step came);
 * time until durable: loop start until every file is written and, for
   methods that do not fsync, ``os.sync()`` has returned; files complete: how
   many checkpoints hold their step.
@@ -82,13 +84,21 @@ class _Window:
         self.loop_start = self.start = self.stop = 0.0
         self.running = False
         self.stall = 0.0
+        self._fenced = 0.0
 
     def begin(self) -> None:
+        from torchaux.checkpoint.engine.staging import fence_blocked_seconds
+
+        self._fenced = fence_blocked_seconds()
         self.running, self.start = True, time.perf_counter()
 
     def end(self) -> None:
+        from torchaux.checkpoint.engine.staging import fence_blocked_seconds
+
         if self.running:
             self.running, self.stop = False, time.perf_counter()
+            # Copies a training thread made itself in a model= fence are stall too.
+            self.stall += fence_blocked_seconds() - self._fenced
 
     def wrap(self, obj: Any, method: str) -> None:
         """Add the seconds of ``obj.method`` calls made inside the window to ``stall``."""
@@ -292,11 +302,13 @@ def run_frameworks(
     *, size_mib: int | None = None, steps: int | None = None, every: int | None = None,
     rounds: int = DEFAULT_ROUNDS, batch: int | None = None, threads: int | None = None,
     directory: str | None = None, log: Callable[[str], None] = lambda _m: None,
+    frameworks: tuple[str, ...] = ("lightning", "hf"),
 ) -> list[FrameworkResult]:
     """Run every installed framework's methods; raise ImportError if neither is installed.
 
     ``None`` takes the module's defaults; ``steps`` must allow three saves
     (``steps >= 3 * every``): the first warms up, the last is outside the window.
+    ``frameworks`` limits the runs, e.g. ``("hf",)``.
     """
     from importlib.util import find_spec
 
@@ -308,7 +320,11 @@ def run_frameworks(
                          f"one, a last one); got steps={steps}, every={every}: raise --steps")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    have_pl, have_hf = find_spec("lightning") is not None, find_spec("transformers") is not None
+    unknown = set(frameworks) - {"lightning", "hf"}
+    if unknown or not frameworks:
+        raise ValueError(f"frameworks must name 'lightning' and/or 'hf', got {frameworks!r}")
+    have_pl = "lightning" in frameworks and find_spec("lightning") is not None
+    have_hf = "hf" in frameworks and find_spec("transformers") is not None
     if not (have_pl or have_hf):
         raise ImportError("bench --frameworks needs lightning or transformers: "
                           "pip install 'torchaux[lightning,hf]'")
