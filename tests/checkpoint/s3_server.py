@@ -8,6 +8,7 @@ per test session; every test gets its own fresh bucket.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -65,15 +66,24 @@ def storage_options_for(endpoint: str) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def s3_bucket(s3_endpoint: str) -> Iterator[S3Bucket]:
-    """A new, empty bucket on the local S3 server (deleted with its objects afterwards)."""
+@contextlib.contextmanager
+def new_bucket(endpoint: str) -> Iterator[S3Bucket]:
+    """A new, empty bucket on the server at ``endpoint``, deleted with its objects afterwards."""
     import s3fs
 
-    options = storage_options_for(s3_endpoint)
+    options = storage_options_for(endpoint)
     fs = s3fs.S3FileSystem(**options)
     name = f"torchaux-{secrets.token_hex(6)}"
     fs.mkdir(name)
-    yield S3Bucket(name, s3_endpoint, options, fs)
-    fs.invalidate_cache()
-    fs.rm(name, recursive=True)
+    try:
+        yield S3Bucket(name, endpoint, options, fs)
+    finally:
+        fs.invalidate_cache()
+        fs.rm(name, recursive=True)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> Iterator[S3Bucket]:
+    """A new, empty bucket on the local S3 server, per test."""
+    with new_bucket(s3_endpoint) as bucket:
+        yield bucket

@@ -14,7 +14,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
-import secrets
 import signal
 import time
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ import torch
 import dist_workers
 import s3_dist_workers as workers
 import torchaux.distributed as td
-from s3_server import S3Bucket, storage_options_for
+from s3_server import S3Bucket, new_bucket
 from torchaux.checkpoint.storage import remote
 from torchaux.distributed.remote.access import RemoteDir
 from torchaux.errors import IntegrityError
@@ -36,15 +35,8 @@ from torchaux.errors import IntegrityError
 @pytest.fixture(scope="module")
 def bucket(s3_endpoint: str) -> Iterator[S3Bucket]:
     """One bucket for the module's 2-rank run (s3_bucket is per test)."""
-    import s3fs
-
-    options = storage_options_for(s3_endpoint)
-    fs = s3fs.S3FileSystem(**options)
-    name = f"torchaux-{secrets.token_hex(6)}"
-    fs.mkdir(name)
-    yield S3Bucket(name, s3_endpoint, options, fs)
-    fs.invalidate_cache()
-    fs.rm(name, recursive=True)
+    with new_bucket(s3_endpoint) as b:
+        yield b
 
 
 @pytest.fixture(scope="module")

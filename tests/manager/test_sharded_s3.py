@@ -10,7 +10,6 @@ newest step into FSDP2 shards, and one plain process restoring it whole.
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 import manager_dist_workers as mdw
 import s3_manager_workers as workers
 import torchaux
-from s3_server import S3Bucket, storage_options_for
+from s3_server import S3Bucket, new_bucket
 from torchaux.checkpoint.storage import remote
 from torchaux.manager.steps import METADATA_NAME
 
@@ -30,15 +29,8 @@ pytestmark = pytest.mark.multiprocess
 @pytest.fixture(scope="module")
 def bucket(s3_endpoint: str) -> Iterator[S3Bucket]:
     """One bucket for the module's 2-rank runs (s3_bucket is per test)."""
-    import s3fs
-
-    options = storage_options_for(s3_endpoint)
-    fs = s3fs.S3FileSystem(**options)
-    name = f"torchaux-{secrets.token_hex(6)}"
-    fs.mkdir(name)
-    yield S3Bucket(name, s3_endpoint, options, fs)
-    fs.invalidate_cache()
-    fs.rm(name, recursive=True)
+    with new_bucket(s3_endpoint) as b:
+        yield b
 
 
 def _uploads(bucket: S3Bucket, prefix: str) -> list[str]:
