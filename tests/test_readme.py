@@ -41,7 +41,7 @@ def test_readme_example_runs(
     """README example number ``index`` runs without error in an empty directory."""
     block = _BLOCKS[index]
     # The framework drop-in examples need their framework (torchaux[lightning] / [hf]).
-    for framework in ("lightning", "transformers"):
+    for framework in ("lightning", "transformers", "accelerate"):
         if f"import {framework}" in block or f"from {framework}" in block:
             pytest.importorskip(framework, reason=f"{framework} not installed")
     # S3 examples use KEY/SECRET/ENDPOINT: here, those of the local moto server.
