@@ -129,7 +129,8 @@ class AsyncSaveCallback(TrainerCallback):  # type: ignore[misc]
                 f"{args.world_size} (DeepSpeed: {trainer.is_deepspeed_enabled}, FSDP: "
                 f"{trainer.is_fsdp_enabled}); remove the callback for distributed runs"
             )
-        if str(getattr(args.save_strategy, "value", args.save_strategy)) == "best":
+        strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+        if strategy == "best":
             raise ValueError(
                 "AsyncSaveCallback does not support save_strategy='best' (the decision comes "
                 "after evaluation); use save_strategy='steps' or 'epoch'"
@@ -138,7 +139,6 @@ class AsyncSaveCallback(TrainerCallback):  # type: ignore[misc]
             stale = [n for n in os.listdir(args.output_dir)
                      if n.startswith(STAGING_PREFIX) and _PUBLISHED.match(n[len(STAGING_PREFIX):])]
             remove_stale(args.output_dir, stale)  # left by a killed run
-        strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
         model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
         if args.should_save and strategy != "no" and _is_pretrained(model):
             # transformers builds its weight-conversion table on first use (0.3 s,
