@@ -411,6 +411,33 @@ def test_write_retained_copies_when_the_address_is_not_congruent(fd_path: tuple[
     m.close()
 
 
+def test_write_retained_copies_large_pieces_without_the_gil(
+    fd_path: tuple[int, pathlib.Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copied retained record goes through ctypes.memmove (GIL released), exact across buffers."""
+    import ctypes
+
+    fd, path = fd_path
+    _direct_fd(fd)
+    sizes: list[int] = []
+    real = ctypes.memmove
+
+    def spy(dst: int, src: int, n: int) -> int:
+        sizes.append(n)
+        return real(dst, src, n)
+
+    monkeypatch.setattr(direct_io.ctypes, "memmove", spy)
+    m, view, address = _aligned_buffer((5 << 20) + 333, shift=7)
+    f = DirectFile(fd, buffer_bytes=1 << 20)
+    f.write(b"y" * 100)  # file position 100, address % 4096 == 7: copied
+    f.write_retained(view, address)
+    f.finish()
+    assert path.read_bytes() == b"y" * 100 + bytes(view)
+    assert sum(sizes) >= len(view) - (1 << 16) and max(sizes) == 1 << 20
+    view.release()
+    m.close()
+
+
 def test_write_retained_failure_reaches_the_caller_and_keeps_errno(
     fd_path: tuple[int, pathlib.Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -122,8 +122,15 @@ def write_safetensors(
     header = _header(tensors, order, metadata)
     fileobj.write(struct.pack("<Q", len(header)))
     fileobj.write(header)
+    # A direct-I/O file takes the staged bytes as they are (they stay alive and
+    # unchanged until the file is finished): written in place where aligned,
+    # else copied without holding the GIL (storage/direct_io.py).
+    retained = getattr(fileobj, "write_retained", None)
     for name in order:
-        view = raw_bytes(tensors[name])
+        view, address = _bytes_at(tensors[name])
+        if retained is not None and view:
+            retained(view, address)
+            continue
         for i in range(0, len(view), _CHUNK):
             fileobj.write(view[i : i + _CHUNK])
 
@@ -299,6 +306,11 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
         >>> bytes(raw_bytes(torch.tensor([[1, 2], [3, 4]], dtype=torch.uint8).t()))
         b'\\x01\\x03\\x02\\x04'
     """
+    return _bytes_at(tensor)[0]
+
+
+def _bytes_at(tensor: torch.Tensor) -> tuple[memoryview, int]:
+    # raw_bytes and the address of its first byte.
     if tensor.device.type != "cpu":
         raise ValueError(f"raw_bytes needs a CPU tensor, got device {tensor.device}")
     if not tensor.is_contiguous():
@@ -312,10 +324,11 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
         tensor = as_bytes.contiguous()
     n = tensor.numel() * tensor.element_size()
     if n == 0:
-        return memoryview(b"")
-    array = (ctypes.c_char * n).from_address(tensor.data_ptr())
+        return memoryview(b""), 0
+    address = tensor.data_ptr()
+    array = (ctypes.c_char * n).from_address(address)
     array._owner = tensor  # type: ignore[attr-defined]  # keeps the memory alive
-    return memoryview(array).cast("B").toreadonly()
+    return memoryview(array).cast("B").toreadonly(), address
 
 
 def _check_unicode(text: str, what: str) -> None:
