@@ -75,6 +75,50 @@ def test_a_plain_state_dict_takes_the_fast_path_and_equals_torch_load(
     assert got["param"].requires_grad and type(got["param"]) is torch.nn.Parameter
 
 
+@pytest.mark.parametrize("map_location", [None, "cpu", torch.device("cpu")])
+def test_cpu_loads_build_storages_straight_from_the_records(
+    tmp_path: Path, map_location: Any, no_torch_unpickler: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU load skips torch's _load (and its rebuild): shared storages, views, bits as torch's."""
+    import torch.serialization
+
+    def no_load(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("torch.serialization._load was used")
+
+    path = tmp_path / "s.pt"
+    base = torch.arange(12.0)
+    z = torch.tensor([1 + 2j, 3 - 1j])
+    state = {**_plain_state(), "base": base, "tail": base[3:], "grid": base.view(3, 4).t(),
+             "conj": z.conj(), "neg": torch.tensor([2 - 1j]).conj().imag, "bf16": torch.ones(2, 3, dtype=torch.bfloat16).t()}
+    torch.save(state, path)
+    expected = torch.load(path, weights_only=False, map_location=map_location)
+    monkeypatch.setattr(torch.serialization, "_load", no_load)
+    got = torchaux.load(path, map_location=map_location)
+    assert _same(got, expected)
+    assert got["conj"].is_conj() == expected["conj"].is_conj()
+    assert got["neg"].is_neg() == expected["neg"].is_neg()
+    assert torch.equal(got["conj"].resolve_conj(), expected["conj"].resolve_conj())
+    assert got["tail"].untyped_storage().data_ptr() == got["base"].untyped_storage().data_ptr()
+    assert got["tail"].storage_offset() == 3 and got["grid"].stride() == (1, 4)
+    assert got["base"]._backward_hooks == expected["base"]._backward_hooks
+
+
+def test_fake_mode_skip_data_and_meta_loads_take_torchs_path(tmp_path: Path) -> None:
+    """Outside the CPU fast path (fake tensors, skip_data, meta) the result is torch's."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    path = tmp_path / "s.pt"
+    torch.save({"w": torch.arange(4.0)}, path)
+    with FakeTensorMode():
+        fake = torchaux.load(path)["w"]
+    assert isinstance(fake, FakeTensor) and fake.shape == (4,)
+    with torch.serialization.skip_data():
+        skipped = torchaux.load(path)["w"]
+    assert skipped.shape == (4,) and skipped.dtype == torch.float32
+    meta = torchaux.load(path, map_location="meta")["w"]
+    assert meta.is_meta and meta.shape == (4,)
+
+
 def test_the_control_without_the_fast_path_fails(
     tmp_path: Path, no_torch_unpickler: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
-from torchaux.checkpoint.formats.fill import Source, Target, allocate, checksum, fill, storage_view
+from torchaux.checkpoint.formats.fill import (
+    BufferSource, Source, Target, allocate, checksum, fill, storage_view,
+)
 from torchaux.checkpoint.formats.torch_save import integrity
 from torchaux.errors import IntegrityError
 
@@ -198,8 +200,11 @@ def read_zip(
             "crc_check=True needs the tensor bytes, but a meta map_location reads none; "
             "load with crc_check=None or False"
         )
+    # A mapped file's directory and local headers are parsed from the mapping
+    # (no read syscall per member header).
+    headers = source if mapped is None else BufferSource(storage_view(mapped), path)
     try:
-        members = integrity.check_members(_HeaderFile(source), path)
+        members = integrity.check_members(_HeaderFile(headers), path)
     except IntegrityError:
         if hasattr(source, "peek"):  # a tampered chunk, not a bad layout: say so
             fill(source, [])
@@ -228,14 +233,18 @@ def read_zip(
             else:  # uninitialised: every byte is about to be overwritten
                 storage = allocate(size if data else 0)
             records.storages[name] = storage
-            view = storage_view(storage) if data or mapped is not None else memoryview(b"")
+            # A mapped record needs a view only for its CRC.
+            wanted = data if mapped is None else bool(crc_check)
+            view = storage_view(storage) if wanted else memoryview(b"")
+        elif mapped is not None:  # copied out of the mapping: no reading threads to start
+            view = memoryview(bytes(storage_view(mapped[at : at + size]))) if size else memoryview(b"")
         else:
             view = memoryview(bytearray(size))
         views.append(view)
-        if len(view) and (mapped is None or name not in records.storages):
+        if len(view) and mapped is None:
             targets.append(Target(at, view))
             read_by.append(index)
-    crcs = fill(source, targets, crc=crc_check, workers=workers)
+    crcs = fill(source, targets, crc=crc_check, workers=workers) if targets or mapped is None else []
     for (info, _), view in zip(members, views):
         name = info.filename[len(prefix):] if info.filename.startswith(prefix) else info.filename
         if name not in records.storages:
@@ -328,6 +337,8 @@ def unpickle(records: ZipRecords, map_location: Any = None, **pickle_load_args: 
         from torchaux.checkpoint.formats.torch_save import fast_unpickler
 
         try:
+            if map_location is None or str(map_location) == "cpu":
+                return fast_unpickler.load_records(records, **pickle_load_args)
             return fast_unpickler.check_result(
                 _load(records, map_location, fast_unpickler, **pickle_load_args)
             )
