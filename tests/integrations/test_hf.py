@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -148,6 +149,72 @@ def test_sigkill_mid_save_resumes_from_newest_complete(tmp_path: Path) -> None:
         s: v for s, v in losses(full).items() if s > 2}
     assert not (run / "tmp-checkpoint-4").exists()  # the killed run's leftovers were cleaned
     assert sorted(os.listdir(run)) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_load_best_model_at_end_waits_for_the_checkpoint_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last checkpoint (step 5, saved at the end) is still being published when training ends.
+
+    Its publication is held until the Trainer has run ``_load_best_model`` (or 3 s):
+    only a callback that publishes before the final metrics are logged lets HF find
+    the best checkpoint (here the last one) complete when it loads it.
+    """
+    import threading
+
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    import torchaux.integrations.hf as hf
+    from tiny_runs import TokenData
+
+    loaded = threading.Event()
+    found: list[bool] = []
+    real_load, real_publish = Trainer._load_best_model, hf.publish_directory
+
+    def load_best(self: Trainer) -> None:
+        found.append(os.path.isfile(os.path.join(self.state.best_model_checkpoint, "model.safetensors")))
+        real_load(self)
+        loaded.set()
+
+    def slow_publish(staging: str, final: str) -> str:
+        if final.endswith("checkpoint-5"):
+            loaded.wait(3.0)
+        return real_publish(staging, final)
+
+    monkeypatch.setattr(Trainer, "_load_best_model", load_best)
+    monkeypatch.setattr(hf, "publish_directory", slow_publish)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
+    args = TrainingArguments(
+        str(tmp_path), max_steps=5, per_device_train_batch_size=4, save_steps=2, eval_steps=2,
+        eval_strategy="steps", load_best_model_at_end=True, metric_for_best_model="loss",
+        greater_is_better=False, save_total_limit=1, logging_steps=1, report_to=[], use_cpu=True,
+        seed=0, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=TokenData(), eval_dataset=TokenData(16),
+                      callbacks=[AsyncSaveCallback()])
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert found == [True], f"{best} was not published when the Trainer loaded it"
+    # save_total_limit=1 at the end keeps the best checkpoint only (HF's own pruning).
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(best)]
+
+
+def test_other_callbacks_on_save_run_once_their_checkpoint_is_published(tmp_path: Path) -> None:
+    """on_save of another callback sees checkpoint-{global_step} complete, once per checkpoint."""
+    from transformers import TrainerCallback
+
+    seen: list[tuple[int, bool]] = []
+
+    class Record(TrainerCallback):  # type: ignore[misc]
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            seen.append((state.global_step, (ckpt / "trainer_state.json").is_file()))
+
+    trainer = hf_trainer(str(tmp_path), callbacks=[AsyncSaveCallback(), Record()])
+    trainer.train()
+    assert seen == [(2, True), (4, True), (6, True)]
+    assert trainer.state.global_step == 6
 
 
 def test_distributed_and_best_are_refused(tmp_path: Path) -> None:

@@ -25,8 +25,11 @@ callback clears ``control.should_save`` and writes the same checkpoint itself:
    and only then applies ``save_total_limit`` over published checkpoints.
 
 ``trainer.train(resume_from_checkpoint=True)`` therefore only ever sees
-complete checkpoints.  ``on_train_end`` waits for the last one; a failed save is
-raised at the next save or at the end of training.
+complete checkpoints.  The last one is published before the Trainer's final
+metrics are logged, so ``load_best_model_at_end`` and ``save_total_limit=1``'s
+pruning see it; a failed save is raised at the next save or at the end of
+training.  Other callbacks' ``on_save`` run once their checkpoint is published
+(:meth:`AsyncSaveCallback._announce_saves`).
 """
 
 from __future__ import annotations
@@ -118,6 +121,7 @@ class AsyncSaveCallback(TrainerCallback):  # type: ignore[misc]
         self._pending: _Pending | None = None
         self._publish: SaveHandle | None = None
         self._lock = threading.Lock()
+        self._published: list[int] = []  # steps published, their on_save not yet run
 
     # -- Trainer events ------------------------------------------------------------
 
@@ -147,6 +151,7 @@ class AsyncSaveCallback(TrainerCallback):  # type: ignore[misc]
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._finish(args, state)
+        self._announce_saves(args, state, control)
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._finish(args, state)
@@ -154,15 +159,27 @@ class AsyncSaveCallback(TrainerCallback):  # type: ignore[misc]
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if control.should_save:
             self._start(args, state, control)
+        self._announce_saves(args, state, control)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._finish(args, state)
         if control.should_save:
             self._start(args, state, control)
+        self._announce_saves(args, state, control)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        # The Trainer logs its final metrics ("train_runtime", ...) just before
+        # load_best_model_at_end loads the best checkpoint and save_total_limit=1
+        # prunes the others: the last checkpoint must be published by then.
+        if isinstance(logs, dict) and "train_runtime" in logs:
+            self._finish(args, state)
+            self.wait()
+            self._announce_saves(args, state, control)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._finish(args, state)
         self.wait()
+        self._announce_saves(args, state, control)
 
     def wait(self) -> None:
         """Block until the last checkpoint is published; raise a failure nobody has seen."""
@@ -170,6 +187,29 @@ class AsyncSaveCallback(TrainerCallback):  # type: ignore[misc]
         if publish is not None:
             publish.wait()
         self._saver.wait()
+
+    def _announce_saves(self, args: Any, state: Any, control: Any) -> None:
+        """The other callbacks' ``on_save`` for each checkpoint published since the last event.
+
+        HF calls ``on_save`` right after its synchronous save; here it runs on
+        the training thread at the first event after ``checkpoint-<N>`` is
+        published, with ``state.global_step`` = N during the call (callbacks
+        find the checkpoint as ``checkpoint-{state.global_step}``).
+        """
+        with self._lock:
+            ready, self._published = self._published, []
+        if not ready:
+            return
+        handler = self._find_trainer().callback_handler
+        # CallbackHandler.on_save clears should_save: a save the Trainer asks for
+        # at this event must still happen.
+        current, should_save = state.global_step, control.should_save
+        try:
+            for step in ready:
+                state.global_step = step
+                handler.on_save(args, state, control)
+        finally:
+            state.global_step, control.should_save = current, should_save
 
     # -- the save ------------------------------------------------------------------
 
@@ -291,6 +331,8 @@ class AsyncSaveCallback(TrainerCallback):  # type: ignore[misc]
             _rotate(os.path.dirname(path), limit, best)
             if self.on_committed is not None:
                 self.on_committed(path)
+            with self._lock:
+                self._published.append(pending.step)
             return path
 
         self._saver.reserve()

@@ -111,6 +111,7 @@ class _Saves:
         self.stager: Any = None
         self.durable: dict[str, float] = {}  # path -> seconds from the call until durable
         self.stalls: list[float] = []  # seconds in the call, plus a fence's wait for its staging
+        self.calls: list[float] = []  # seconds in the call alone
         if method == "dcp.async_save process":
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
@@ -132,6 +133,7 @@ class _Saves:
         start = time.perf_counter()
         self._save(state, path, start)
         self.stalls.append(time.perf_counter() - start)
+        self.calls.append(self.stalls[-1])
 
     def _save(self, state: dict[str, Any], path: str, start: float) -> None:
         import torchaux.distributed as td
@@ -255,6 +257,7 @@ def _save_job(rank: int, world: int, job: dict[str, Any]) -> dict[str, Any]:
         saves.fence()
         saves.wait_all()
         saves.stalls.clear()
+        saves.calls.clear()
         windows = _loop(model, opt, init, job, rank, saves, None)
         saves.wait_all()
     complete = _verify(method, model, opt, job["dir"], prints)
@@ -264,7 +267,7 @@ def _save_job(rank: int, world: int, job: dict[str, Any]) -> dict[str, Any]:
         "method": method, "rank": rank, "shard_bytes": shard, "rss_base": plain.peak,
         "malloc_env": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "rss_peak": rss.peak, "save_windows": windows[0::2], "plain_windows": windows[1::2],
-        "stalls": saves.stalls, "saves": len(saves.stalls), "complete": complete,
+        "stalls": saves.stalls, "calls": saves.calls, "saves": len(saves.stalls), "complete": complete,
         "durable": [v for k, v in saves.durable.items() if not k.endswith("warmup")],
     }
 
