@@ -49,13 +49,11 @@ def as_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
-# Host copies go through glibc's memmove (ctypes releases the GIL): for small
-# storages two tensor views and a copy_ cost ~3.5 us, memmove ~0.5 us (10^5
-# small tensors: 0.38 s against 0.07 s here, engine review k_many.py); for
-# large ones memmove streams with non-temporal stores past its threshold
-# (glibc's __x86_shared_non_temporal_threshold), which torch's copy_ loop does
-# not: 256 MiB in 36 ms against 55 ms for copy_ on 1 or 2 threads on the
-# 2-core VM (docs/benchmarks.md §13).
+# Host copies below this size go through memmove: two tensor views and a
+# copy_ cost ~3.5 us a storage, memmove ~0.5 us (10^5 small tensors: 0.38 s
+# against 0.07 s here, engine review k_many.py); above it torch's copy_ splits
+# the copy over threads.
+_MEMMOVE_BYTES = 1 << 16
 
 
 def copy_host(dst: torch.UntypedStorage, src: torch.UntypedStorage) -> None:
@@ -68,8 +66,11 @@ def copy_host(dst: torch.UntypedStorage, src: torch.UntypedStorage) -> None:
             f"{dst.nbytes()} bytes at the call, {nbytes} at the copy; do not resize "
             "tensors of a pending save (wait for handle.staged first)"
         )
-    if nbytes:
-        ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes)
+    if nbytes < _MEMMOVE_BYTES:
+        if nbytes:
+            ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes)
+    else:
+        as_bytes(dst).copy_(as_bytes(src))
 
 
 
