@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Iterator
@@ -118,3 +119,57 @@ def test_bad_arguments_fail_before_any_io(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="unknown checksum"):
         td.StorageWriter(tmp_path / "x", checksum="md5")
     assert not (tmp_path / "x").exists()
+
+
+def test_large_chunks_go_to_the_disk_in_place_and_stock_readers_still_read_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of >= 1 MiB: page-aligned payloads, written from the tensors' memory, read by stock DCP."""
+    from torchaux.checkpoint.storage import direct_io
+    from torchaux.distributed import in_place
+
+    queued: list[int] = []
+    real = direct_io.DirectFile._queue
+
+    def spy(self: direct_io.DirectFile, buf: object, n: int) -> None:
+        if isinstance(buf, memoryview):
+            queued.append(n)
+        real(self, buf, n)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(direct_io.DirectFile, "_queue", spy)
+    big = {"a": torch.randn(512, 1024), "b": torch.arange(300_001, dtype=torch.float64),
+           "small": torch.ones(3), "c": torch.randn(1024, 257).t(), "step": 7}
+    d = tmp_path / "ck"
+    td.save(big, d)
+    fd = os.open(d / _data_files(d)[0], os.O_RDONLY)
+    try:
+        direct = direct_io.enable_direct_io(fd)
+    finally:
+        os.close(fd)
+    if direct:  # the file system takes O_DIRECT: the payloads were not copied
+        assert sum(queued) >= 2 * in_place.IN_PLACE_MIN_BYTES, queued
+    out = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in big.items()}
+    dcp.load(out, checkpoint_id=str(d))  # stock FileSystemReader: chunks by offset and length
+    assert all(torch.equal(out[k], big[k]) for k in ("a", "b", "small", "c")) and out["step"] == 7
+    dcp_to_torch_save(str(d), str(tmp_path / "full.pt"))
+    assert torch.equal(torch.load(tmp_path / "full.pt", weights_only=True)["b"], big["b"])
+    assert torch.equal(td.load_full(d)["a"], big["a"])
+    # Every large chunk's payload starts on a 4 KiB boundary of the file.
+    md = read_metadata(d)
+    blob = (d / _data_files(d)[0]).read_bytes()
+    aligned = 0
+    for index, info in md.storage_data.items():
+        if getattr(index, "fqn", "") in ("a", "b"):
+            chunk = blob[info.offset : info.offset + info.length]
+            archive = torch._C.PyTorchFileReader(io.BytesIO(chunk))
+            aligned += (info.offset + archive.get_record_offset("data/0")) % 4096 == 0
+    assert aligned == 2
+    # A flipped payload byte is caught by the chunk checksum.
+    path = d / _data_files(d)[0]
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    from torchaux.errors import IntegrityError
+
+    with pytest.raises(IntegrityError):
+        td.load_full(d)

@@ -113,6 +113,22 @@ class HashingWriter:
         self._offset += n
         return n
 
+    @property
+    def can_retain(self) -> bool:
+        """Whether ``raw`` takes :meth:`write_retained` (a direct-I/O file)."""
+        return hasattr(self._raw, "write_retained")
+
+    def write_retained(self, view: memoryview, address: int) -> int:
+        """As :meth:`write`, for bytes that stay alive and unchanged until ``raw`` is finished."""
+        n = len(view)
+        self._raw.write_retained(view, address)  # type: ignore[attr-defined]
+        if self._module is None:
+            self._crc = crc32(view, self._crc)
+        else:
+            self._hasher.update(view)
+        self._offset += n
+        return n
+
     def flush(self) -> None:
         self._raw.flush()
 

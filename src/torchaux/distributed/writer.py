@@ -51,6 +51,7 @@ from torch.futures import Future
 
 from torchaux.checkpoint.storage.commit import atomic_write
 from torchaux.checkpoint.storage.publish import make_staging_dir
+from torchaux.distributed import in_place
 from torchaux.distributed.checksums import HashingWriter, default_algorithm
 from torchaux.checkpoint.storage import remote
 from torchaux.distributed.commit import publish
@@ -256,8 +257,16 @@ class StorageWriter(_DcpStorageWriter):
         with sink as f:
             out = HashingWriter(f, self.checksum)
             for item in items:
+                data = planner.resolve_data(item)
+                direct = self.enc_key is None and in_place.eligible(out, data)
+                if direct:
+                    in_place.pad_for(out, data)  # type: ignore[arg-type]
                 start = out.tell()
-                self._write_chunk(out, planner.resolve_data(item))
+                if direct:
+                    with _without_zip_crc():
+                        in_place.write_in_place(out, data)  # type: ignore[arg-type]
+                else:
+                    self._write_chunk(out, data)
                 length = out.tell() - start
                 checksums[start] = out.digest_and_reset()
                 results.append(

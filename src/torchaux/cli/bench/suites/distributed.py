@@ -102,6 +102,7 @@ def _summarise(ranks: list[dict[str, Any]]) -> dict[str, Any]:
     for r in ranks:
         per_rank.append({
             "stall_s": statistics.mean(r["stalls"]),
+            "call_s": statistics.mean(r.get("calls") or r["stalls"]),  # the call alone
             "overhead_s": statistics.mean(r["save_windows"]) - statistics.mean(r["plain_windows"]),
             "durable_s": statistics.median(r["durable"]),
             "rss_added_mib": (r["rss_peak"] - r["rss_base"]) / _MIB,
@@ -111,7 +112,8 @@ def _summarise(ranks: list[dict[str, Any]]) -> dict[str, Any]:
     out = {k: max(p[k] for p in per_rank) for k in per_rank[0]}
     out.update(method=ranks[0]["method"], saves=saves, malloc_env=ranks[0].get("malloc_env"), complete=min(r["complete"] for r in ranks),
                shard_mib=max(r["shard_bytes"] for r in ranks) / _MIB,
-               save_windows=ranks[0]["save_windows"], plain_windows=ranks[0]["plain_windows"])
+               save_windows=ranks[0]["save_windows"], plain_windows=ranks[0]["plain_windows"],
+               stalls_per_rank=[r["stalls"] for r in ranks], calls_per_rank=[r.get("calls") for r in ranks])
     return out
 
 
