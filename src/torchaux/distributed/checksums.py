@@ -97,6 +97,13 @@ class HashingWriter:
         else:
             self._hasher = self._module.xxh3_64()
 
+    def _update(self, view: memoryview, n: int) -> None:
+        if self._module is None:
+            self._crc = crc32(view, self._crc)
+        else:
+            self._hasher.update(view)
+        self._offset += n
+
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         n = len(view)
@@ -106,11 +113,7 @@ class HashingWriter:
             if written is None:
                 break
             rest = rest[written:]
-        if self._module is None:
-            self._crc = crc32(view, self._crc)
-        else:
-            self._hasher.update(view)
-        self._offset += n
+        self._update(view, n)
         return n
 
     @property
@@ -122,11 +125,7 @@ class HashingWriter:
         """As :meth:`write`, for bytes that stay alive and unchanged until ``raw`` is finished."""
         n = len(view)
         self._raw.write_retained(view, address)  # type: ignore[attr-defined]
-        if self._module is None:
-            self._crc = crc32(view, self._crc)
-        else:
-            self._hasher.update(view)
-        self._offset += n
+        self._update(view, n)
         return n
 
     def flush(self) -> None:

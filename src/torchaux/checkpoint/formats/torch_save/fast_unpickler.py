@@ -67,14 +67,19 @@ def _no_hooks(hooks: Any) -> bool:
     return type(hooks) in (dict, collections.OrderedDict) and not hooks
 
 
-def _tensor_v2(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any,
-               backward_hooks: Any, metadata: Any = None) -> torch.Tensor:
+def _check_rebuild(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any,
+                   backward_hooks: Any, metadata: Any) -> None:
     if not (
         isinstance(storage, torch.storage.TypedStorage) and type(offset) is int and _ints(size)
         and _ints(stride) and type(requires_grad) is bool and _no_hooks(backward_hooks)
         and _plain_metadata(metadata)
     ):
         raise NotPlain("_rebuild_tensor_v2 with arguments torch.save does not write")
+
+
+def _tensor_v2(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any,
+               backward_hooks: Any, metadata: Any = None) -> torch.Tensor:
+    _check_rebuild(storage, offset, size, stride, requires_grad, backward_hooks, metadata)
     return _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, backward_hooks, metadata)
 
 
@@ -83,12 +88,7 @@ def _lean_tensor_v2(storage: Any, offset: Any, size: Any, stride: Any, requires_
     # What torch._utils._rebuild_tensor_v2 does for a CPU storage outside any
     # fake mode (load_records checked both), without its three
     # detect_fake_mode calls: ~40 us a tensor here, most of a warm mapped load.
-    if not (
-        isinstance(storage, torch.storage.TypedStorage) and type(offset) is int and _ints(size)
-        and _ints(stride) and type(requires_grad) is bool and _no_hooks(backward_hooks)
-        and _plain_metadata(metadata)
-    ):
-        raise NotPlain("_rebuild_tensor_v2 with arguments torch.save does not write")
+    _check_rebuild(storage, offset, size, stride, requires_grad, backward_hooks, metadata)
     tensor = torch.empty((0,), dtype=storage.dtype).set_(storage._untyped_storage, offset, size, stride)
     tensor.requires_grad = requires_grad
     if metadata:
