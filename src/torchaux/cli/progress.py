@@ -177,5 +177,12 @@ class ProgressWriter:
         self._progress.update(memoryview(data).nbytes if n is None else n)
         return memoryview(data).nbytes if n is None else n
 
+    def write_retained(self, data: memoryview, address: int) -> int:
+        """``raw.write_retained`` (a direct-I/O file's in-place write), counted; else ``write``."""
+        retained = getattr(self._raw, "write_retained", None)
+        n = retained(data, address) if retained is not None else self._raw.write(data)
+        self._progress.update(len(data))
+        return n
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._raw, name)
