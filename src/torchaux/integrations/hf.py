@@ -38,7 +38,6 @@ import json
 import os
 import pickle
 import random
-import re
 import sys
 import threading
 from collections.abc import Callable
@@ -51,6 +50,7 @@ import torch
 from torchaux.checkpoint.engine import staging
 from torchaux.checkpoint.engine.saver import AsyncSaver, SaveHandle
 from torchaux.checkpoint.storage.directory import publish_directory, remove_stale, remove_tree
+from torchaux.integrations.rotation import PUBLISHED, rotate_published
 from torchaux.integrations.staged_files import StagedFile, save_files
 
 try:
@@ -65,7 +65,6 @@ __all__ = ["AsyncSaveCallback", "STAGING_PREFIX"]
 #: Staging folders are ``tmp-checkpoint-<N>``: HF globs ``checkpoint-*`` (anchored
 #: at the start of the name), so ``checkpoint-N.tmp`` would be rotated, this is not.
 STAGING_PREFIX = "tmp-"
-_PUBLISHED = re.compile(r"^checkpoint-(\d+)$")
 # transformers 5.x PreTrainedModel.save_pretrained default (modeling_utils.py).
 _HF_MAX_SHARD_SIZE = "50GB"
 
@@ -141,7 +140,7 @@ class AsyncSaveCallback(TrainerCallback):  # type: ignore[misc]
             )
         if args.should_save and os.path.isdir(args.output_dir):
             stale = [n for n in os.listdir(args.output_dir)
-                     if n.startswith(STAGING_PREFIX) and _PUBLISHED.match(n[len(STAGING_PREFIX):])]
+                     if n.startswith(STAGING_PREFIX) and PUBLISHED.match(n[len(STAGING_PREFIX):])]
             remove_stale(args.output_dir, stale)  # left by a killed run
         model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
         if args.should_save and strategy != "no" and _is_pretrained(model):
@@ -328,7 +327,7 @@ class AsyncSaveCallback(TrainerCallback):  # type: ignore[misc]
                 if exc is not None:
                     raise exc  # the original failure; checkpoint-N is not published
             path = publish_directory(pending.staging, pending.final)
-            _rotate(os.path.dirname(path), limit, best)
+            rotate_published(os.path.dirname(path), limit, best)
             if self.on_committed is not None:
                 self.on_committed(path)
             with self._lock:
@@ -378,24 +377,3 @@ def _hf_weights(model: Any, state_dict: dict[str, torch.Tensor]) -> dict[str, to
     if revert is not None:
         state_dict = revert(model, state_dict)
     return state_dict
-
-
-def _rotate(run_dir: str, limit: int | None, best: str | None) -> None:
-    """``save_total_limit`` over published checkpoints (HF's rotate_checkpoints, by step number)."""
-    if not limit or limit <= 0:
-        return
-    steps = sorted(
-        (int(m.group(1)), name) for name in os.listdir(run_dir)
-        if (m := _PUBLISHED.match(name)) and os.path.isdir(os.path.join(run_dir, name))
-    )
-    paths = [os.path.join(run_dir, name) for _, name in steps]
-    protected = {paths[-1]} if paths else set()
-    if best is not None:
-        protected.add(os.path.abspath(best))
-    keep = max(limit, len(protected))
-    for path in paths:
-        if len(paths) <= keep:
-            break
-        if path not in protected:
-            remove_tree(path)
-            paths = [p for p in paths if p != path]

@@ -342,8 +342,7 @@ class CheckpointManager:
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None if there is none."""
-        steps = self.all_steps()
-        return steps[-1] if steps else None
+        return steps[-1] if (steps := self.all_steps()) else None
 
     def best_step(self) -> int | None:
         """The committed step with the best metrics by ``best_fn``/``best_mode`` (None if none)."""
