@@ -258,6 +258,7 @@ def save_async(
             pickle_protocol=pickle_protocol,
             defer_cpu_copies=deferred,
             model_buffers=fence.model_tensors(model) if deferred else (),  # type: ignore[arg-type]
+            crc32=True,
         )
         if deferred:
             fence.arm(model, snapshot)  # type: ignore[arg-type]

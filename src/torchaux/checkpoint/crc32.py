@@ -30,21 +30,68 @@ from typing import Union
 # collections.abc.Buffer is Python >= 3.12; the project supports 3.10+.
 Buffer = Union[bytes, bytearray, memoryview]
 
-__all__ = ["BACKEND", "crc32"]
+__all__ = ["BACKEND", "crc32", "crc32_combine"]
+
+# The reflected CRC-32 polynomial (ISO 3309 / ITU-T V.42, zlib's crc32.c).
+_POLY = 0xEDB88320
+
+
+def _multmodp(a: int, b: int) -> int:
+    # a(x) * b(x) modulo the CRC polynomial, bit-reflected (zlib 1.2.12 crc32.c).
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if a & (m - 1) == 0:
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+# _X2N[k] = x^(2^k) modulo the polynomial (zlib's x2n_table).
+_X2N = [1 << 30]
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+def _crc32_combine_py(crc1: int, crc2: int, len2: int) -> int:
+    # CRC of A+B from crc(A), crc(B) and len(B): crc(A) * x^(8 len2) + crc(B).
+    p, k, n = 1 << 31, 3, len2
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return _multmodp(p, crc1) ^ (crc2 & 0xFFFFFFFF)
+
 
 _impl: Callable[..., int]
+_combine: Callable[[int, int, int], int]
 try:
     from zlib_ng.zlib_ng import crc32 as _impl
+    from zlib_ng.zlib_ng import crc32_combine as _combine
 
     BACKEND = "zlib-ng"
 except ImportError:  # documented fallback: same values, zlib's speed
     _impl = zlib.crc32
+    _combine = _crc32_combine_py
     BACKEND = "zlib"
 
 
 def crc32(data: Buffer, value: int = 0) -> int:
     """CRC-32 of ``data`` (any contiguous buffer), continuing from ``value``."""
     return _impl(data, value)
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32 of ``A + B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)``.
+
+    >>> crc32_combine(crc32(b"hel"), crc32(b"lo"), 2) == crc32(b"hello")
+    True
+    >>> _crc32_combine_py(crc32(b"hel"), crc32(b"lo"), 2) == crc32(b"hello")
+    True
+    """
+    return _combine(crc1, crc2, len2)
 
 
 def _measure() -> None:  # pragma: no cover - the figure in the module docstring

@@ -364,6 +364,8 @@ def _save_named(
         snapshot = staging.stage(
             obj, pool=saver.pool, pickle_module=pickle, pickle_protocol=2,
             index=obj if format == "safetensors" else None,
+            # zip records' CRCs during the copy; a writer process computes its own
+            crc32=format != "safetensors" and mode != "process",
         )
     except BaseException:
         saver.cancel_reservation()

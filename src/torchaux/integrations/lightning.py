@@ -257,7 +257,8 @@ class TorchauxCheckpointIO(_Base):  # type: ignore[misc,valid-type]
         saver.reserve()
         try:
             snapshot = staging.stage(
-                checkpoint, pool=saver.pool, pickle_module=pickle, pickle_protocol=DEFAULT_PROTOCOL
+                checkpoint, pool=saver.pool, pickle_module=pickle, pickle_protocol=DEFAULT_PROTOCOL,
+                crc32=True,
             )
         except BaseException:
             saver.cancel_reservation()

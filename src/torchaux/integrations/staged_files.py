@@ -110,7 +110,7 @@ def _stage(file: StagedFile, pool: staging.HostBufferPool, deferred: bool,
         )
     return staging.stage(
         file.obj, pool=pool, pickle_module=pickle, pickle_protocol=DEFAULT_PROTOCOL,
-        defer_cpu_copies=deferred, model_buffers=order,
+        defer_cpu_copies=deferred, model_buffers=order, crc32=True,
     )
 
 

@@ -31,6 +31,7 @@ class Record:
     is_buffer: bool = False  # copied early (the model's tensors, in forward order)
     tracked: list[versions.TrackedTensor] | None = None  # version counters at the call
     nbytes: int | None = None  # set when ``staged`` is a placeholder (skip_data)
+    crc: int | None = None  # CRC-32 of ``staged``, when computed during the copy (crc_copies)
 
 
 

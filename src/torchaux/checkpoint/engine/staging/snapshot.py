@@ -37,6 +37,7 @@ from torchaux.checkpoint.engine.pickler import (
 )
 from torchaux.checkpoint.engine.pickler import copy_order as _copy_order
 from torchaux.checkpoint.engine.pool import HostBufferPool
+from torchaux.checkpoint.engine.staging import crc_copies
 from torchaux.checkpoint.engine.staging.copies import (
     DeviceCopy,
     Record,
@@ -96,6 +97,7 @@ class Snapshot:
     _error: BaseException | None = None  # a failed copy or check, raised by finish_staging
     _devices_checked: bool = False
     _obj: object = None  # the saved object, to name a changed tensor; dropped when staged
+    _crc: bool = False  # deferred copies compute large records' CRC-32 (crc_copies)
 
     def staged_tensor(self, name: str) -> torch.Tensor:
         """The staged host copy of the tensor indexed as ``name`` (writer thread)."""
@@ -116,6 +118,10 @@ class Snapshot:
         """``(key, staged host storage)`` pairs in the order ``torch.save`` writes them."""
         return [(r.key, r.staged) for r in self._records]
 
+    def record_crcs(self) -> list[int | None]:
+        """Each record's CRC-32 when staging computed it (``stage(crc32=True)``), else ``None``."""
+        return [r.crc for r in self._records]
+
     def sizes(self) -> list[tuple[str, int]]:
         """``(key, bytes of the live storage)`` in write order (also under ``skip_data``)."""
         return [(r.key, r.staged.nbytes() if r.nbytes is None else r.nbytes) for r in self._records]
@@ -131,7 +137,7 @@ class Snapshot:
 
     # -- staging ------------------------------------------------------------
 
-    def _copy_upto(self, n: int) -> None:
+    def _copy_upto(self, n: int, *, on_writer: bool = False) -> None:
         # One record per lock hold, so the writer and a fence interleave; a
         # KeyboardInterrupt mid-copy leaves the record for the next caller.
         while self._cursor < n and not self._all_ready.is_set():
@@ -143,7 +149,13 @@ class Snapshot:
                 if self._error is None:
                     try:
                         assert r.source is not None
-                        copy_host(r.staged, r.source)
+                        if self._crc and crc_copies.fits(r.staged, r.source):
+                            # The writer copies on its own thread only (it must not take
+                            # training's cores); a fence, blocking training, on all of them.
+                            r.crc = (crc_copies.copy_one_with_crc(r.staged, r.source) if on_writer
+                                     else crc_copies.copy_host_with_crc([(r.staged, r.source)])[0])
+                        else:
+                            copy_host(r.staged, r.source)
                         if r.tracked:
                             self._error = versions.changed(r.tracked, r.key, self._obj)
                     except Exception as exc:  # noqa: BLE001 - raised by finish_staging, on the handle
@@ -176,7 +188,7 @@ class Snapshot:
         """
         try:
             if self._deferred:
-                self._copy_upto(len(self._order))
+                self._copy_upto(len(self._order), on_writer=True)
             for dev in self._devices:
                 dev.all_done.synchronize()
             if self._deferred and self._devices:
@@ -258,6 +270,7 @@ def stage(
     model_buffers: Iterable[torch.Tensor] = (),
     index: Mapping[str, torch.Tensor] | None = None,
     serialize: bool = True,
+    crc32: bool = False,
 ) -> Snapshot:
     """Take a consistent snapshot of ``obj`` (call on the training thread).
 
@@ -278,6 +291,10 @@ def stage(
             ``False`` for a flat list of tensors that the writer saves one
             by one (torchaux.distributed): no pickling at the call, and
             ``pickled`` is ``b""``.
+        crc32: compute the CRC-32 of each large CPU storage during its copy
+            (:mod:`.crc_copies`; :meth:`Snapshot.record_crcs`), for writers
+            of torch.save's zip records; deferred copies on one thread.  Only
+            with zlib-ng and the ``staging_crc`` knob on.
 
     Under ``torch.serialization.skip_data()`` nothing is copied: the
     snapshot records sizes only and the writer writes zeros, as torch.save.
@@ -304,7 +321,7 @@ def stage(
     gc.disable()
     try:
         return _stage(obj, pool, pickle_module, pickle_protocol, defer_cpu_copies, model_buffers, index,
-                      serialize)
+                      serialize, crc32)
     finally:
         if was_enabled:
             gc.enable()
@@ -319,6 +336,7 @@ def _stage(
     model_buffers: Iterable[torch.Tensor],
     index: Mapping[str, torch.Tensor] | None,
     serialize: bool,
+    crc32: bool,
 ) -> Snapshot:
     skip = bool(torch.serialization._serialization_tls.skip_data)
     tensors: list[torch.Tensor] | None = [] if defer_cpu_copies and not skip else None
@@ -352,10 +370,12 @@ def _stage(
         by_key = {r.key: i for i, r in enumerate(records)}
         copy_order = [by_key[k] for k in order]
         devices = enqueue_device_copies(records)
+        with_crc = crc32 and crc_copies.AVAILABLE and _knobs.staging_crc_enabled()
         snapshot = Snapshot(
             pickled, records, devices, _deferred=defer_cpu_copies, tensor_index=tensor_index
         )
         if defer_cpu_copies:
+            snapshot._crc = with_crc
             snapshot._obj = obj
             snapshot._order = [i for i in copy_order if records[i].source is not None
                                and records[i].source.device.type == "cpu"]
@@ -366,10 +386,7 @@ def _stage(
                 r.source._cdata for r in records if r.source is not None and r.source.device.type != "cpu"
             }
         else:
-            for r in records:
-                if r.source is not None and r.source.device.type == "cpu":
-                    copy_host(r.staged, r.source)
-                    r.source = None
+            crc_copies.copy_records(records, with_crc)
             for dev in devices:
                 device_module(dev.device).current_stream(dev.device).wait_event(dev.all_done)
     except BaseException:

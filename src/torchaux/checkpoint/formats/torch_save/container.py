@@ -206,17 +206,24 @@ class TorchZipWriter:
             self._write(zeros[: min(_CHUNK, size - i)])
         self._end(full, offset, size, 0, flags, zip64)
 
-    def write_record(self, name: str, data: bytes | memoryview, *, address: int | None = None) -> None:
+    def write_record(
+        self, name: str, data: bytes | memoryview, *, address: int | None = None, crc: int | None = None
+    ) -> None:
         """Append one member ``<archive>/<name>`` holding ``data``.
 
         ``address``: where ``data`` lives in memory, given when it stays alive
         and unchanged until the file is finished (a staged buffer); a file
         object with ``write_retained`` (:class:`~torchaux.checkpoint.storage.direct_io.DirectFile`)
-        then writes it without copying it.
+        then writes it without copying it.  ``crc``: the CRC-32 of ``data``,
+        already known (computed during staging): not computed again.
         """
         view = memoryview(data).cast("B")
         size = len(view)
         full, offset, flags, zip64 = self._begin(name, size)
+        if crc is not None and self._crc:
+            self._write_data(view, address)
+            self._end(full, offset, size, crc, flags, zip64)
+            return
         crc = 0
         # The CRC only goes into the data descriptor, after the data, so a large
         # member's CRC runs on a second thread while this one writes (copies or

@@ -157,9 +157,9 @@ def write_torch_save(
         for key, nbytes in snapshot.sizes():
             writer.write_record_skipped(f"data/{key}", nbytes)
     else:
-        for key, storage in snapshot.records():
+        for (key, storage), crc in zip(snapshot.records(), snapshot.record_crcs()):
             address = storage.data_ptr() if in_place and storage.nbytes() else None
-            writer.write_record(f"data/{key}", storage_view(storage), address=address)
+            writer.write_record(f"data/{key}", storage_view(storage), address=address, crc=crc)
     writer.write_record("version", FILE_FORMAT_VERSION.encode())
     if disable_byteorder_record:
         # torch 2.13's zip writer adds the record itself at the end when the
