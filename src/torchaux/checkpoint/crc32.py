@@ -91,7 +91,7 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     >>> _crc32_combine_py(crc32(b"hel"), crc32(b"lo"), 2) == crc32(b"hello")
     True
     """
-    return _combine(crc1, crc2, len2)
+    return _combine(crc1, crc2, len2) if len2 else crc1
 
 
 def _measure() -> None:  # pragma: no cover - the figure in the module docstring

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from torchaux.checkpoint.crc32 import _crc32_combine_py
 from torchaux.checkpoint.formats import fill as fill_mod
 from torchaux.checkpoint.formats.fill import (
-    BufferSource, FileSource, Target, _crc32_combine_py, checksum, crc32_combine, fill,
+    BufferSource, FileSource, Target, checksum, crc32_combine, fill,
 )
 from torchaux.errors import IntegrityError
 

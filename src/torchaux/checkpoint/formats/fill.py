@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from torchaux import _knobs
-from torchaux.checkpoint.crc32 import crc32
+from torchaux.checkpoint.crc32 import crc32, crc32_combine
 from torchaux.errors import IntegrityError
 
 __all__ = [
@@ -277,48 +277,4 @@ def _combined(results: list[list[tuple[int, int, int, int]]], n: int) -> list[in
             value = crc32_combine(value, c, size)
         out.append(value)
     return out
-
-
-_POLY = 0xEDB88320  # the reflected CRC-32 polynomial of zip and zlib
-
-
-def _multmodp(a: int, b: int) -> int:
-    """a * b modulo the CRC polynomial (zlib's ``multmodp``, crc32.c)."""
-    m, p = 1 << 31, 0
-    while True:
-        if a & m:
-            p ^= b
-            if a & (m - 1) == 0:
-                return p
-        m >>= 1
-        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
-
-
-def _crc32_combine_py(crc1: int, crc2: int, len2: int) -> int:
-    """zlib's ``crc32_combine`` (crc32.c: ``x2nmodp`` then ``multmodp``), for hosts without zlib-ng."""
-    p, k, n, square = 1 << 31, 3, len2, 1 << 30  # x^(2^k) for k = 0 is x^1 = 1 << 30
-    powers = [square]
-    while len(powers) < 32:
-        powers.append(_multmodp(powers[-1], powers[-1]))
-    while n:
-        if n & 1:
-            p = _multmodp(powers[k & 31], p)
-        n >>= 1
-        k += 1
-    return _multmodp(p, crc1) ^ crc2
-
-
-try:
-    from zlib_ng.zlib_ng import crc32_combine as _combine
-except ImportError:  # the documented fallback of checkpoint/crc32.py: same values, pure Python
-    _combine = _crc32_combine_py
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """CRC-32 of ``A || B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)``.
-
-    >>> crc32_combine(crc32(b"hel"), crc32(b"lo"), 2) == crc32(b"hello")
-    True
-    """
-    return _combine(crc1, crc2, len2) if len2 else crc1
 
