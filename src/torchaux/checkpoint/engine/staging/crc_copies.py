@@ -24,6 +24,7 @@ import ctypes
 import itertools
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 
@@ -64,17 +65,19 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def _workers(count: int) -> ThreadPoolExecutor | None:
+def _start_helpers(count: int, work: Callable[[], None]) -> list[Future[None]]:
+    # Submitted under the lock: a concurrent save that grows the pool (after a
+    # torch.set_num_threads) never shuts down a pool another is submitting to.
     global _pool, _pool_workers
     if count <= 0:
-        return None
+        return []
     with _pool_lock:
-        if _pool is None or _pool_workers != count:
+        if _pool is None or _pool_workers < count:
             if _pool is not None:
-                _pool.shutdown(wait=False)
+                _pool.shutdown(wait=False)  # its running pieces finish; no new ones
             _pool = ThreadPoolExecutor(count, thread_name_prefix="torchaux-stage")
             _pool_workers = count
-        return _pool
+        return [_pool.submit(work) for _ in range(count)]
 
 
 def _view(address: int, nbytes: int) -> memoryview:
@@ -142,9 +145,7 @@ def copy_host_with_crc(pairs: list[tuple[torch.UntypedStorage, torch.UntypedStor
             _, d, s, n = pieces[k]
             results[k] = _copy_piece(d, s, n)
 
-    helpers = min(torch.get_num_threads(), len(pieces)) - 1
-    pool = _workers(helpers)
-    futures: list[Future[None]] = [pool.submit(work) for _ in range(helpers)] if pool else []
+    futures = _start_helpers(min(torch.get_num_threads(), len(pieces)) - 1, work)
     try:
         work()
     finally:
