@@ -166,11 +166,12 @@ def _add_checkpoint_commands(sub: Any) -> None:
 def _bench(args: argparse.Namespace) -> int:
     if args.manager:
         return _bench_manager(args)
-    if args.load or args.distributed:
+    if args.load or args.distributed or args.cuda:
         import importlib
 
         suite = importlib.import_module(
-            "torchaux.cli.bench.suites." + ("load" if args.load else "distributed")
+            "torchaux.cli.bench.suites."
+            + ("load" if args.load else "distributed" if args.distributed else "cuda")
         )
         return int(suite.main(args))
     from torchaux.cli.bench.run import BenchConfig, run_bench
@@ -260,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--distributed", action="store_true",
                        help="sharded saves on real gloo ranks (FSDP2): torchaux.distributed "
                             "against dcp.save / dcp.async_save, stall, overhead, load, RSS")
+    bench.add_argument("--cuda", action="store_true",
+                       help="GPU figures: D2H staging against the pinned memcpy limit, loads "
+                            "with map_location='cuda', the model= stall (needs a CUDA device; "
+                            "--size-mib default 4096)")
     bench.add_argument("--nproc", type=int, default=None,
                        help="ranks for --distributed (default 2)")
     bench.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
@@ -275,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=None,
                        help="batch size, i.e. compute per step (default 128; --secure: 16)")
     bench.add_argument("--dir", default=None, help="directory for checkpoints (default: temp)")
-    bench.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    bench.add_argument("--device", default="auto", help="auto (cuda if available; --distributed: cpu), cpu, cuda "
+                       "(--distributed: NCCL, one rank per GPU)")
     bench.add_argument("--method", action="append", choices=[*METHODS, *SECURE_METHODS],
                        help="run only this method (repeatable)")
     bench.add_argument("--seed", type=int, default=0)

@@ -29,6 +29,8 @@ def fingerprint(state: dict[str, Any]) -> list[tuple[str, int]]:
 
     def walk(prefix: str, value: Any) -> None:
         if isinstance(value, torch.Tensor):
+            if hasattr(value, "to_local"):  # a DTensor: this rank's shard, on any device
+                value = value.to_local()
             data = value.detach().cpu().contiguous().view(-1).view(torch.uint8)
             # A zero-copy byte view of the CPU tensor (no numpy dependency);
             # `data` stays referenced while the view is read.

@@ -119,9 +119,26 @@ def _summarise(ranks: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_distributed(*, nproc: int = 2, size_mib: int = 256, steps: int = 24, every: int = 3,
                     root: str | None = None, repeats: int = 3,
-                    malloc_mmap_threshold: int | None = None,
+                    malloc_mmap_threshold: int | None = None, device: str = "cpu",
                     log: Any = lambda _m: None) -> dict[str, Any]:
-    """Run every method and the load comparison; return the figures (module docstring)."""
+    """Run every method and the load comparison; return the figures (module docstring).
+
+    ``device="cuda"``: one GPU per rank (NCCL cannot put two ranks on one
+    GPU), so ``nproc`` may be 1 on a one-GPU machine; the load then runs at
+    that world size only.
+    """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda' for --distributed; found {device!r}")
+    if device == "cuda":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise ValueError("--distributed --device cuda needs a CUDA device; none is visible "
+                             "(run without --device, or with --device cpu, for gloo on CPU)")
+        if not 1 <= nproc <= gpus:
+            raise ValueError(f"--distributed --device cuda runs one rank per GPU (NCCL); found "
+                             f"nproc={nproc} with {gpus} GPU(s): pass --nproc 1..{gpus}")
     if malloc_mmap_threshold is not None and (
         isinstance(malloc_mmap_threshold, bool) or not isinstance(malloc_mmap_threshold, int)
         or malloc_mmap_threshold <= 0
@@ -130,7 +147,7 @@ def run_distributed(*, nproc: int = 2, size_mib: int = 256, steps: int = 24, eve
                          f"found {malloc_mmap_threshold!r}")
     env = None if malloc_mmap_threshold is None else {
         "MALLOC_MMAP_THRESHOLD_": str(malloc_mmap_threshold)}
-    if nproc < 2:
+    if device == "cpu" and nproc < 2:
         raise ValueError(f"--distributed needs nproc >= 2 ranks (saving and resharding); found {nproc}")
     if steps < 2 * every:
         raise ValueError(f"steps ({steps}) must be at least 2 x every ({every}): each save "
@@ -141,16 +158,16 @@ def run_distributed(*, nproc: int = 2, size_mib: int = 256, steps: int = 24, eve
     try:
         for i, method in enumerate(METHODS):
             log(f"{method}: {nproc} ranks, width {width}")
-            job = {"kind": "save", "method": method, "width": width, "steps": steps,
+            job = {"kind": "save", "method": method, "width": width, "steps": steps, "device": device,
                    "every": every, "dir": os.path.join(work, f"m{i}"),
                    "out": os.path.join(work, f"r{i}")}
             os.makedirs(job["dir"])
             methods[method] = _summarise(_run_ranks(nproc, job, env))
         last = f"step_{(steps // every - 1) // 2 * 2 * every + 1}"  # the last save window's first step
         loads = {}
-        for world in (nproc, 1):
+        for world in sorted({nproc, 1}, reverse=True):
             log(f"load on {world} rank(s)")
-            job = {"kind": "load", "width": width, "repeats": repeats,
+            job = {"kind": "load", "width": width, "repeats": repeats, "device": device,
                    "dcp_dir": os.path.join(work, f"m{METHODS.index('dcp.save')}", last),
                    "torchaux_dir": os.path.join(work, f"m{METHODS.index('torchaux save_async')}", last),
                    "out": os.path.join(work, f"load{world}")}
@@ -159,7 +176,7 @@ def run_distributed(*, nproc: int = 2, size_mib: int = 256, steps: int = 24, eve
                                           for k in got[0]["load_s"]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"nproc": nproc, "size_mib": size_mib, "width": width, "steps": steps, "every": every,
+    return {"nproc": nproc, "device": device, "size_mib": size_mib, "width": width, "steps": steps, "every": every,
             "malloc_mmap_threshold": malloc_mmap_threshold, "methods": methods, "load": loads, "ratios": _ratios(methods, loads)}
 
 
@@ -178,7 +195,8 @@ def format_distributed(r: dict[str, Any]) -> str:
     """The table of :func:`run_distributed`'s figures, with the ratios under it."""
     head = (f"{'method':42} {'stall/save':>10} {'overhead/save':>13} {'durable':>8} "
             f"{'RSS added':>14} {'complete':>8}")
-    lines = [f"torchaux bench --distributed: {r['nproc']} gloo ranks, {r['size_mib']} MiB of "
+    ranks = ("NCCL ranks on CUDA" if r.get("device") == "cuda" else "gloo ranks")
+    lines = [f"torchaux bench --distributed: {r['nproc']} {ranks}, {r['size_mib']} MiB of "
              f"state (4 x {r['width']}^2 MLP + Adam), {r['steps']} steps, a save every "
              f"{r['every']}", head, "-" * len(head)]
     for name, m in r["methods"].items():
@@ -204,12 +222,20 @@ def main(args: Any) -> int:
     """``torchaux bench --distributed [--nproc N]`` (default 2; ``TORCHAUX_BENCH_NPROC`` too)."""
     import sys
 
-    nproc = getattr(args, "nproc", None) or int(os.environ.get("TORCHAUX_BENCH_NPROC", "2"))
+    device = getattr(args, "device", "auto")
+    device = "cpu" if device == "auto" else device  # the issue's figures are gloo on CPU
+    default = "2"
+    if device == "cuda":  # one rank per GPU, at most 2
+        import torch
+
+        default = str(max(1, min(2, torch.cuda.device_count())))
+    nproc = getattr(args, "nproc", None) or int(os.environ.get("TORCHAUX_BENCH_NPROC", default))
     log = (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)) if args.verbose else (
         lambda _m: None)
     r = run_distributed(nproc=nproc, size_mib=args.size_mib or 256, steps=args.steps or 24,
                         every=args.every or 3, root=args.dir,
-                        malloc_mmap_threshold=getattr(args, "malloc_mmap_threshold", None), log=log)
+                        malloc_mmap_threshold=getattr(args, "malloc_mmap_threshold", None),
+                        device=device, log=log)
     print(format_distributed(r))
     if args.json:
         with open(args.json, "w") as f:

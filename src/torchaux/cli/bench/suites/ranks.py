@@ -1,5 +1,11 @@
 """What each spawned rank of ``torchaux bench --distributed`` runs (gloo on CPU, 127.0.0.1).
 
+With ``job["device"] == "cuda"`` the model trains on the rank's GPU with
+NCCL (``cpu:gloo,cuda:nccl``: DCP's and torchaux's CPU-side collectives use
+gloo), and each step ends by synchronizing the current stream, so that a
+window's seconds include its kernels (as a loop that reads its loss does)
+but not a checkpointer's side-stream copies that overlap them.
+
 One job per process group, so every method starts from a fresh process
 (peak RSS is its own): build an FSDP2 ``fully_shard`` MLP with Adam, train
 one step (Adam's state exists), then for a save method
@@ -62,22 +68,23 @@ def width_for(size_mib: int, world: int) -> int:
     return max(step, int(math.sqrt(params)) // step * step)
 
 
-def _build(width: int, world: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+def _build(width: int, world: int, device: str = "cpu") -> tuple[nn.Module, torch.optim.Optimizer]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(_LAYERS)])
-    mesh = init_device_mesh("cpu", (world,))
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(_LAYERS)]).to(device)
+    mesh = init_device_mesh(device, (world,))
     for layer in model:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model, torch.optim.Adam(model.parameters(), lr=1e-4)
 
 
-def _forward_backward(model: nn.Module, width: int, rank: int, step: int) -> None:
+def _forward_backward(model: nn.Module, width: int, rank: int, step: int,
+                      device: str = "cpu") -> None:
     gen = torch.Generator().manual_seed(1000 * rank + step)
-    x = torch.randn(16, width, generator=gen)
+    x = torch.randn(16, width, generator=gen).to(device)
     model(x).square().mean().backward()
 
 
@@ -193,13 +200,14 @@ def _loop(model: nn.Module, opt: torch.optim.Optimizer, init: list[torch.Tensor]
             live.copy_(first)
     dist.barrier()
     width, steps, every = job["width"], job["steps"], job["every"]
+    device = job.get("device", "cpu")
     windows = [0.0] * (steps // every)
     for step in range(steps):
         window = step // every
         if window >= len(windows):
             break
         start = time.perf_counter()
-        _forward_backward(model, width, rank, step + 1)
+        _forward_backward(model, width, rank, step + 1, device)
         if saves is not None:
             saves.fence()
         blocked = fence_blocked_seconds()
@@ -207,6 +215,8 @@ def _loop(model: nn.Module, opt: torch.optim.Optimizer, init: list[torch.Tensor]
         if saves is not None and saves.stalls:  # torchaux's optimizer fence copying what is left
             saves.stalls[-1] += fence_blocked_seconds() - blocked
         opt.zero_grad()
+        if device == "cuda":  # the step's kernels (not side-stream copies), as loss.item() would
+            torch.cuda.current_stream().synchronize()
         if step % every == 0 and window % 2 == 0:
             if saves is not None:
                 state = _state(model, opt)
@@ -240,9 +250,9 @@ def _verify(method: str, model: nn.Module, opt: torch.optim.Optimizer, root: str
 
 
 def _save_job(rank: int, world: int, job: dict[str, Any]) -> dict[str, Any]:
-    width, method = job["width"], job["method"]
-    model, opt = _build(width, world)
-    _forward_backward(model, width, rank, 0)
+    width, method, device = job["width"], job["method"], job.get("device", "cpu")
+    model, opt = _build(width, world, device)
+    _forward_backward(model, width, rank, 0, device)
     opt.step()
     opt.zero_grad()
     init = [t.clone() for t in _locals(model, opt)]
@@ -277,8 +287,9 @@ def _load_job(rank: int, world: int, job: dict[str, Any]) -> dict[str, Any]:
 
     import torchaux.distributed as td
 
-    model, opt = _build(job["width"], world)
-    _forward_backward(model, job["width"], rank, 0)
+    device = job.get("device", "cpu")
+    model, opt = _build(job["width"], world, device)
+    _forward_backward(model, job["width"], rank, 0, device)
     opt.step()
     state = _state(model, opt)
     times: dict[str, list[float]] = {"dcp.load": [], "torchaux load": []}
@@ -290,6 +301,8 @@ def _load_job(rank: int, world: int, job: dict[str, Any]) -> dict[str, Any]:
                 dcp.load(state, checkpoint_id=job["dcp_dir"])
             else:
                 td.load(state, job["torchaux_dir"])
+            if device == "cuda":
+                torch.cuda.synchronize()
             dist.barrier()
             times[name].append(time.perf_counter() - start)
     return {"rank": rank, "world": world, "load_s": {k: statistics.median(v) for k, v in times.items()}}
@@ -305,7 +318,11 @@ def rank_main(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
     os.dup2(log, 2)
     os.close(log)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world,
+    backend = "gloo"
+    if job.get("device") == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, rank=rank, world_size=world,
                             init_method=f"tcp://127.0.0.1:{port}", timeout=timedelta(seconds=600))
     try:
         result = (_load_job if job["kind"] == "load" else _save_job)(rank, world, job)
