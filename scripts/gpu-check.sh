@@ -42,9 +42,9 @@ step gpu-tests 110 python3 -m pytest -q -m gpu --timeout 100 -p no:cacheprovider
   tests/training/test_combine.py tests/distributed/test_dist_cuda.py
 step bench-cuda 130 env TORCHAUX_BENCH_REPEATS=3 \
   python3 -m torchaux bench --cuda --size-mib 4096 --json "$OUT/bench-cuda.json" -v
-step bench-dist-cuda 130 python3 -m torchaux bench --distributed --device cuda --size-mib 1024 --steps 24 --every 3 \
-  --json "$OUT/bench-dist-cuda.json" -v
-step bench-loop-cuda 100 python3 -m torchaux bench --device cuda --size-mib 1024 --steps 24 --every 4 --batch 256 \
+step bench-loop-cuda 100 python3 -m torchaux bench --device cuda --size-mib 512 --steps 16 --every 4 --batch 256 \
   --method torch.save --method torchaux.save_async --method "torchaux.save_async(model=)" \
   --json "$OUT/bench-loop-cuda.json" -v
+step bench-dist-cuda 110 python3 -m torchaux bench --distributed --device cuda --size-mib 512 --steps 12 --every 3 \
+  --json "$OUT/bench-dist-cuda.json" -v
 echo "done at $SECONDS s"

@@ -183,3 +183,11 @@ def test_same_storage_as_two_dtypes_raises_like_torch_save(saver: AsyncSaver, tm
     handle = torchaux.save_async({"f": base}, tmp_path / "ok.pt", saver=saver)
     assert handle.wait(timeout=WAIT_S) == str(tmp_path / "ok.pt")
     assert_identical(load(str(tmp_path / "ok.pt")), {"f": base})
+
+
+def test_device_module_resolves_every_backend_torch_knows() -> None:
+    """The accelerator path's module lookup works without an accelerator (it once named no torch API)."""
+    from torchaux.checkpoint.engine.staging.copies import device_module
+
+    assert device_module(torch.device("cpu")) is torch.cpu
+    assert device_module(torch.device("cuda")) is torch.cuda  # the module exists without a GPU

@@ -76,7 +76,7 @@ def copy_host(dst: torch.UntypedStorage, src: torch.UntypedStorage) -> None:
 
 
 def device_module(device: torch.device) -> Any:
-    return torch.getdevice_module(device.type)
+    return torch.get_device_module(device.type)
 
 
 _side_streams: dict[torch.device, Any] = {}
