@@ -407,6 +407,37 @@ def test_each_host_callback_writes_a_new_file_with_that_replays_bytes(
         assert torch.equal(loaded, torch.full_like(like, value))
 
 
+def test_wait_saves_waits_for_replays_the_device_has_not_reached_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replays still queued on the GPU call back during wait_saves' device sync: their files count.
+
+    The device is simulated: its synchronization fires the host callbacks of
+    three queued replays, as a GPU does when it reaches them.  (wait_saves
+    once drained the dump queue before synchronizing, and returned with no
+    replay's file written: seen on an H200.)
+    """
+    graph_dump._dump_saver()
+    target = graph_dump._resolve(str(tmp_path / "q.pt"), torch.device("cuda", 0))
+    staging = torch.zeros(8, dtype=torch.uint8)
+    record = graph_dump_cuda._Recorded(staging, torch.uint8, staging.shape,
+                                       functools.partial(graph_dump._write, target))
+    key = graph_dump_cuda._register(record)
+    queued = [1, 2, 3]
+
+    def device_reaches_queued_replays() -> None:
+        while queued:
+            staging.fill_(queued.pop(0))
+            graph_dump_cuda._TRAMPOLINE(key)
+
+    monkeypatch.setattr(graph_dump_cuda, "synchronize_recorded_devices", device_reaches_queued_replays)
+    torchaux.wait_saves()
+    names = dump_names("q", 3, index=0)
+    assert files(tmp_path) == names
+    for value, name in enumerate(names, start=1):
+        assert torch.equal(load(tmp_path / name), torch.full((8,), value, dtype=torch.uint8))
+
+
 def test_host_callback_failure_is_raised_by_wait_saves(tmp_path: Path) -> None:
     """An exception inside a host callback is re-raised by wait_saves, not printed and lost."""
     error = RuntimeError("callback broke")

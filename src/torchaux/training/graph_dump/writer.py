@@ -162,6 +162,12 @@ class _DumpSaver(AsyncSaver):
             self._keep_spare(snapshot)
 
     def _wait_pending(self, timeout: float | None) -> None:
+        # Replays already queued on a GPU run their dumps' host callbacks only
+        # when the device gets there, and each callback enqueues a dump here:
+        # synchronize first, then drain what they queued.  (In the other order
+        # wait_saves returned before any replay's file was written; seen on an
+        # H200, docs/benchmarks.md "GPU".)
+        graph_dump_cuda.synchronize_recorded_devices()
         with self._cond:
             self._flush += 1
             self._cond.notify_all()
@@ -172,7 +178,6 @@ class _DumpSaver(AsyncSaver):
                     )
             finally:
                 self._flush -= 1
-        graph_dump_cuda.synchronize_recorded_devices()
         super()._wait_pending(timeout)
 
     def _pop_unobserved(self) -> BaseException | None:
