@@ -39,7 +39,8 @@ cat "$OUT/env.log"
 
 step gpu-tests 110 python3 -m pytest -q -m gpu --timeout 100 -p no:cacheprovider -o addopts="" \
   --strict-markers tests/checkpoint/engine/test_cuda.py tests/training/test_graph_dump.py \
-  tests/training/test_combine.py tests/distributed/test_dist_cuda.py
+  tests/training/test_combine.py tests/distributed/test_dist_cuda.py \
+  tests/cli/bench/suites/test_cuda_suite.py
 step bench-cuda 130 env TORCHAUX_BENCH_REPEATS=3 \
   python3 -m torchaux bench --cuda --size-mib 4096 --json "$OUT/bench-cuda.json" -v
 step bench-loop-cuda 100 python3 -m torchaux bench --device cuda --size-mib 512 --steps 16 --every 4 --batch 256 \

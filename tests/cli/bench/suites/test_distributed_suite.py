@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from torchaux.cli.bench.suites import distributed
 from torchaux.cli.bench.suites.ranks import METHODS
@@ -45,3 +46,31 @@ def test_bad_settings_are_refused_before_any_rank_starts(tmp_path: Path) -> None
         distributed.run_distributed(steps=4, every=3, root=str(tmp_path))
     with pytest.raises(ValueError, match="malloc_mmap_threshold"):
         distributed.run_distributed(malloc_mmap_threshold=0, root=str(tmp_path))
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        distributed.run_distributed(device="tpu", root=str(tmp_path))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_cuda_without_a_gpu_is_refused_with_what_to_do(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="needs a CUDA device.*--device cpu"):
+        distributed.run_distributed(nproc=1, device="cuda", root=str(tmp_path))
+    assert main(["bench", "--distributed", "--device", "cuda", "--dir", str(tmp_path)]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_a_failed_dcp_method_is_a_row_and_the_ratios_use_the_modes_that_ran() -> None:
+    """DCP's process checkpointer failed on CUDA DTensors (torch 2.11): the table says so."""
+    row = {"stall_s": 1.0, "call_s": 1.0, "overhead_s": 2.0, "durable_s": 4.0, "rss_added_mib": 1.0,
+           "rss_added_x_shard": 1.0, "complete": 1, "saves": 1, "shard_mib": 8.0}
+    methods = {m: dict(row) for m in METHODS}
+    methods["dcp.async_save process"] = {"method": "dcp.async_save process", "error": "KeyError: x"}
+    methods["torchaux save_async"].update(stall_s=0.25, overhead_s=0.5, durable_s=1.0)
+    load = {"1->1": {"dcp.load": 2.0, "torchaux load": 1.0}}
+    ratios = distributed._ratios(methods, load)
+    assert ratios == {"stall_s": 0.25, "overhead_s": 0.25, "durable_s": 0.25, "load 1->1": 0.5}
+    text = distributed.format_distributed({
+        "nproc": 1, "device": "cuda", "size_mib": 8, "width": 64, "steps": 6, "every": 3,
+        "methods": methods, "load": load, "ratios": ratios})
+    assert "dcp.async_save process" in text and "failed: KeyError: x" in text
+    assert "NCCL ranks on CUDA" in text
