@@ -106,6 +106,26 @@ def _state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     return {"model": msd, "optim": osd}
 
 
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+# torch 2.11.0's DefaultStager closes its StateDictStager at the end of every
+# staging, so a second async_save with the same stager fails with
+# "KeyError: <class 'type'>" (pytorch#183413, a regression of pytorch PR
+# #170431; seen in this bench on an H200 with torch 2.11; 2.13 reuses it).
+_DEFAULT_STAGER_REUSABLE = _torch_version() != (2, 11)
+
+
+def _default_stager() -> Any:
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    # Pinned (ignored without CUDA) and shared memory, staged on a thread;
+    # a non-blocking copy needs an accelerator (staging.py).
+    return DefaultStager(StagingOptions(True, True, True, False))
+
+
 class _Saves:
     """One method's save calls; ``fence()`` runs before each optimizer step."""
 
@@ -120,11 +140,7 @@ class _Saves:
         self.stalls: list[float] = []  # seconds in the call, plus a fence's wait for its staging
         self.calls: list[float] = []  # seconds in the call alone
         if method == "dcp.async_save process":
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-            # Pinned (ignored without CUDA) and shared memory, staged on a thread;
-            # a non-blocking copy needs an accelerator (staging.py).
-            self.stager = DefaultStager(StagingOptions(True, True, True, False))
+            self.stager = _default_stager()
         elif method.endswith("torchaux writer/stager"):
             import torchaux.distributed as td
 
@@ -161,6 +177,9 @@ class _Saves:
         if self.method == "dcp.async_save thread":
             fut = dcp.async_save(state, checkpoint_id=path, process_group=self.group)
         elif self.method == "dcp.async_save process":
+            if not _DEFAULT_STAGER_REUSABLE:  # a fresh stager per save: 2.11's workaround
+                self.stager.close()
+                self.stager = _default_stager()
             resp = dcp.async_save(
                 state, checkpoint_id=path, async_stager=self.stager,
                 async_checkpointer_type=dcp.state_dict_saver.AsyncCheckpointerType.PROCESS,
