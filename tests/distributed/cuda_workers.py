@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from dist_workers import assert_same, free_port
+from dist_workers import assert_same, free_port, fsdp_model
 
 
 def _entry(rank: int, fn_name: str, world: int, port: int, args: tuple[Any, ...]) -> None:
@@ -37,16 +37,8 @@ def run(fn_name: str, world: int, *args: Any) -> None:
 
 
 def _model(world: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 64)).cuda()
-    mesh = init_device_mesh("cuda", (world,))
-    for layer in (model[0], model[2]):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model, torch.optim.Adam(model.parameters(), lr=0.01)
+    return fsdp_model(world, "cuda", nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 64)))
 
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:

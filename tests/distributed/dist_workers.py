@@ -65,12 +65,14 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 6))
 
 
-def fsdp_model(world: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+def fsdp_model(world: int, device: str = "cpu",
+               model: nn.Module | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """``model`` (default :func:`make_model`; layers 0 and 2 sharded) under FSDP2 on ``device``, with Adam."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
-    model = make_model()
+    mesh = init_device_mesh(device, (world,))
+    model = (make_model() if model is None else model).to(device)
     for layer in (model[0], model[2]):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
