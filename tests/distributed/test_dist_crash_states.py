@@ -24,6 +24,7 @@ caught.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import threading
@@ -89,7 +90,7 @@ def _save_threads(step: int, ck: str, world: int) -> None:
         try:
             vote = commit.StoreVote(store, f"crash/{step}", r, world, list(range(world)),
                                     time.monotonic() + 60)
-            api._run_save(_rank_state(step, r, world), td.StorageWriter(ck), vote, r == 0)
+            api._run_save(functools.partial(_rank_state, step, r, world), td.StorageWriter(ck), vote, r == 0)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the test thread
             errors.append(exc)
 

@@ -248,16 +248,16 @@ def coordinator_staging_failure(rank: int, world: int, root: str) -> None:
 
     mgr = torchaux.CheckpointManager(os.path.join(root, "r"))
     assert mgr.save(0, {"w": torch.zeros(2)}).wait(60)
-    real = api.stage_state_dict
+    real = api.stage_snapshot
     if rank == 0:
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise MemoryError("injected staging failure")
-        api.stage_state_dict = broken  # type: ignore[assignment]
+        api.stage_snapshot = broken  # type: ignore[assignment]
     start = time.monotonic()
     try:
         expect_raise(BaseException, lambda: mgr.save(1, {"w": torch.ones(2)}).wait(60))
     finally:
-        api.stage_state_dict = real  # type: ignore[assignment]
+        api.stage_snapshot = real  # type: ignore[assignment]
     assert mgr.save(2, {"w": torch.ones(2)}).wait(60)
     # TORCHAUX_DISTRIBUTED_TIMEOUT_S is 60 in the test: far below it means nobody waited it out.
     assert time.monotonic() - start < 30, time.monotonic() - start

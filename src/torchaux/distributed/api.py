@@ -31,7 +31,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -48,7 +48,7 @@ from torchaux.checkpoint.engine.staging import Snapshot
 from torchaux.distributed.commit import StoreVote
 from torchaux.distributed.reader import SafeFullLoadPlanner, SafeLoadPlanner, StorageReader
 from torchaux.distributed.remote.access import locate
-from torchaux.distributed.stager import stage_state_dict
+from torchaux.distributed.stager import rebuild_staged, stage_snapshot
 from torchaux.distributed.writer import StorageWriter
 
 __all__ = ["save_async", "save", "load", "load_full"]
@@ -183,7 +183,8 @@ def save_async(
     saver.reserve()
     snapshot: Snapshot | None = None
     try:
-        staged, snapshot = stage_state_dict(dict(state_dict), saver.pool, model=model if deferred else None)
+        # The staged dict (a DTensor per tensor) is built on the writer thread.
+        skeleton, snapshot = stage_snapshot(dict(state_dict), saver.pool, model=model if deferred else None)
         if deferred:
             fence.arm(model, snapshot)  # type: ignore[arg-type]
     except BaseException as exc:
@@ -194,7 +195,7 @@ def save_async(
         raise
 
     def write(snap: Snapshot) -> str:
-        return _run_save(staged, writer, vote, group.rank == 0)
+        return _run_save(lambda: rebuild_staged(skeleton, snap), writer, vote, group.rank == 0)
 
     try:
         handle = saver.submit(snapshot, write, target)
@@ -227,10 +228,12 @@ def _fail_plan(vote: StoreVote, coord: bool, exc: BaseException) -> None:
         vote.post_failure("plan", exc)
 
 
-def _run_save(staged: dict[str, Any], writer: StorageWriter, vote: StoreVote, coord: bool) -> str:
-    """One save on the writer thread: plan, write, vote, publish (module docstring)."""
+def _run_save(build: Callable[[], dict[str, Any]], writer: StorageWriter, vote: StoreVote,
+              coord: bool) -> str:
+    """One save on the writer thread: build the staged dict, plan, write, vote, publish."""
     planner = DefaultSavePlanner()
     try:
+        staged = build()
         planner.set_up_planner(staged, writer.storage_meta(), coord)
         writer.set_up_storage_writer(coord, rank=vote.rank)
         local = writer.prepare_local_plan(planner.create_local_plan())

@@ -37,7 +37,7 @@ from torchaux.checkpoint.engine.pool import HostBufferPool
 from torchaux.checkpoint.engine.staging import Snapshot, stage
 from torchaux.errors import InvalidArgumentError
 
-__all__ = ["stage_state_dict", "Stager"]
+__all__ = ["stage_state_dict", "stage_snapshot", "rebuild_staged", "Stager"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,33 @@ def stage_state_dict(
     ``snapshot.finish_staging()`` before reading them).  Give the buffers
     back with ``snapshot.release(pool)`` once written.
     """
+    skeleton, snapshot = stage_snapshot(state_dict, pool, model=model)
+    try:
+        staged = rebuild_staged(skeleton, snapshot)
+    except BaseException:
+        snapshot.release(pool)
+        raise
+    return staged, snapshot
+
+
+def rebuild_staged(skeleton: Any, snapshot: Snapshot) -> Any:
+    """The staged dict of :func:`stage_snapshot`'s ``skeleton``: DTensors around staged shards.
+
+    Reads only the snapshot's host buffers and the skeleton's fixed layout,
+    so it may run on the writer thread (it costs a DTensor per tensor, which
+    ``torchaux.distributed.save_async`` keeps off the training thread).
+    """
+    return _rebuild(skeleton, snapshot)
+
+
+def stage_snapshot(
+    state_dict: Any, pool: HostBufferPool, *, model: torch.nn.Module | None = None
+) -> tuple[Any, Snapshot]:
+    """:func:`stage_state_dict` without building the staged dict: ``(skeleton, snapshot)``.
+
+    The skeleton is the state dict's structure with its Python values
+    copied and each tensor replaced by its slot (and DTensor layout).
+    """
     tensors: list[torch.Tensor] = []
     skeleton = _collect(state_dict, tensors, "")
     snapshot = stage(
@@ -110,12 +137,7 @@ def stage_state_dict(
         # The writer saves each chunk itself (writer._write_chunk): no data.pkl.
         serialize=False,
     )
-    try:
-        staged = _rebuild(skeleton, snapshot)
-    except BaseException:
-        snapshot.release(pool)
-        raise
-    return staged, snapshot
+    return skeleton, snapshot
 
 
 class Stager(AsyncStager):
