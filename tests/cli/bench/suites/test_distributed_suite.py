@@ -74,3 +74,15 @@ def test_a_failed_dcp_method_is_a_row_and_the_ratios_use_the_modes_that_ran() ->
         "methods": methods, "load": load, "ratios": ratios})
     assert "dcp.async_save process" in text and "failed: KeyError: x" in text
     assert "NCCL ranks on CUDA" in text
+
+
+@pytest.mark.multiprocess  # one spawned rank whose job fails
+def test_a_failing_rank_reports_its_error_and_stderr(tmp_path: Path) -> None:
+    """A rank's failure reaches the caller with the rank's own stderr (its log is deleted after)."""
+    missing = str(tmp_path / "no-such-checkpoint")
+    job = {"kind": "load", "width": 16, "repeats": 1, "device": "cpu",
+           "dcp_dir": missing, "torchaux_dir": missing, "out": str(tmp_path / "out")}
+    with pytest.raises(RuntimeError, match=r"a load job on 1 rank\(s\) failed") as info:
+        distributed._run_ranks(1, job)
+    assert "--- rank 0 ---" in str(info.value)
+    assert info.value.__cause__ is not None  # the spawn's own exception, kept

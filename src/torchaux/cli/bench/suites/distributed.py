@@ -83,6 +83,9 @@ def _run_ranks(world: int, job: dict[str, Any], env: dict[str, str] | None = Non
     try:
         mp.start_processes(rank_main, args=(world, _free_port(), job), nprocs=world,
                            start_method="spawn")
+    except Exception as exc:  # a rank died: what it printed goes with the error
+        raise RuntimeError(f"bench --distributed: a {job['kind']} job on {world} rank(s) failed "
+                           f"({exc}); the ranks' stderr:\n{_log_tails(job['out'], world)}") from exc
     finally:
         for k, v in before.items():
             if v is None:
@@ -94,6 +97,19 @@ def _run_ranks(world: int, job: dict[str, Any], env: dict[str, str] | None = Non
         with open(os.path.join(job["out"], f"{rank}.json")) as f:
             results.append(json.load(f))
     return results
+
+
+def _log_tails(out: str, world: int, chars: int = 3000) -> str:
+    """The end of each rank's stderr log (:func:`.ranks.rank_main` writes ``<out>/<rank>.log``)."""
+    parts = []
+    for rank in range(world):
+        try:
+            with open(os.path.join(out, f"{rank}.log"), errors="replace") as f:
+                text = f.read()[-chars:]
+        except OSError as exc:
+            text = f"(no log: {exc})"
+        parts.append(f"--- rank {rank} ---\n{text}")
+    return "\n".join(parts)
 
 
 def _summarise(ranks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -167,7 +183,8 @@ def run_distributed(*, nproc: int = 2, size_mib: int = 256, steps: int = 24, eve
             except Exception as exc:  # a method that fails here is a row of the table, not the end
                 if "torchaux" in method:
                     raise
-                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+                cause = exc.__cause__ or exc  # the rank's own error, not the log tails
+                reason = (str(cause).strip().splitlines() or [type(cause).__name__])[-1]
                 log(f"{method} failed: {reason}")
                 methods[method] = {"method": method, "error": reason}
         last = f"step_{(steps // every - 1) // 2 * 2 * every + 1}"  # the last save window's first step
