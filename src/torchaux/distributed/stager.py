@@ -24,8 +24,7 @@ from __future__ import annotations
 import copy
 import pickle
 import weakref
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -40,31 +39,56 @@ from torchaux.errors import InvalidArgumentError
 __all__ = ["stage_state_dict", "stage_snapshot", "rebuild_staged", "Stager"]
 
 
-@dataclass(frozen=True)
-class _TensorSlot:
+class _TensorSlot(NamedTuple):
     index: int
     spec: Any = None  # DTensorSpec for DTensors
 
 
-def _collect(obj: Any, tensors: list[torch.Tensor], path: str) -> Any:
+# Values fixed by reference: immutable, so the skeleton may share them (no deepcopy).
+_ATOMIC = frozenset({int, float, bool, str, bytes, type(None), complex, torch.dtype, torch.device})
+
+
+def _collect(obj: Any, tensors: list[torch.Tensor], path: Any) -> Any:
+    # Runs on the training thread at every save: exact-type dispatch for the
+    # common nodes, a (parent, key) tuple for the path (formatted only for an
+    # error), and no deepcopy of immutable values.
+    kind = type(obj)
+    if kind is dict:
+        return {k: _collect(v, tensors, (path, k)) for k, v in obj.items()}
+    if kind is DTensor:
+        local = obj._local_tensor
+        tensors.append(local.detach() if local.requires_grad else local)
+        return _TensorSlot(len(tensors) - 1, obj._spec)
+    if kind in _ATOMIC:
+        return obj
     if isinstance(obj, DTensor):
-        tensors.append(obj._local_tensor.detach())
+        local = obj._local_tensor
+        tensors.append(local.detach() if local.requires_grad else local)
         return _TensorSlot(len(tensors) - 1, obj._spec)
     if isinstance(obj, torch.Tensor):
         if isinstance(obj, ShardedTensor):
             raise InvalidArgumentError(
-                f"{path.lstrip('.') or 'state_dict'} is a legacy ShardedTensor, which "
+                f"{_path(path) or 'state_dict'} is a legacy ShardedTensor, which "
                 "torchaux.distributed does not save: expected DTensors (FSDP2 fully_shard, "
                 "tensor parallel; get_state_dict returns them) or plain tensors; save a "
                 "ShardedTensor state dict with stock torch.distributed.checkpoint.save instead"
             )
-        tensors.append(obj.detach())
+        tensors.append(obj.detach() if obj.requires_grad else obj)
         return _TensorSlot(len(tensors) - 1)
     if isinstance(obj, dict):
-        return type(obj)((k, _collect(v, tensors, f"{path}.{k}")) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
-        return type(obj)(_collect(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj))
+        return type(obj)((k, _collect(v, tensors, (path, k))) for k, v in obj.items())
+    if kind is list or kind is tuple:
+        return kind(_collect(v, tensors, (path, i)) for i, v in enumerate(obj))
     return copy.deepcopy(obj)  # Python values are fixed at the call
+
+
+def _path(path: Any) -> str:
+    """``"a.b.0"`` from :func:`_collect`'s ``((("", "a"), "b"), 0)``."""
+    keys = []
+    while isinstance(path, tuple):
+        path, key = path
+        keys.append(str(key))
+    return ".".join(reversed(keys))
 
 
 def _rebuild(skeleton: Any, snapshot: Snapshot) -> Any:
@@ -133,7 +157,7 @@ def stage_snapshot(
         defer_cpu_copies=model is not None,
         # An FSDP2 module's parameters are DTensors: their shards are what is staged.
         model_buffers=[_local(t) for t in model_tensors(model)] if model is not None else (),
-        index={str(i): t for i, t in enumerate(tensors)},
+        index=None,  # each tensor by its position: the skeleton's slot indices
         # The writer saves each chunk itself (writer._write_chunk): no data.pkl.
         serialize=False,
     )

@@ -129,7 +129,8 @@ class StorageWriter(_DcpStorageWriter):
         self.enc_key = enc_key
         self.enc_mode = enc_mode
         self.checksum = checksum or default_algorithm()
-        HashingWriter(io.BytesIO(), self.checksum)  # unknown algorithm: raise now
+        if checksum is not None:
+            HashingWriter(io.BytesIO(), self.checksum)  # unknown algorithm: raise now
         self.save_id = secrets.token_hex(8)
         self.rank = 0
         self.is_coordinator = True

@@ -88,28 +88,47 @@ def test_staging_restores_the_garbage_collector(enabled: bool) -> None:
         gc.enable() if was else gc.disable()
 
 
-def test_tensor_storages_keys_storages_as_the_pickler_does() -> None:
+def test_flat_storages_keys_storages_as_the_pickler_does() -> None:
     """serialize=False (torchaux.distributed) must stage the same storages under the same keys."""
-    from torchaux.checkpoint.engine.pickler import pickle_storages, tensor_storages
+    from torchaux.checkpoint.engine.pickler import flat_storages, pickle_storages
 
     a, b = torch.arange(6.0), torch.ones(3, dtype=torch.int64)
     flat = [a, a[2:], b, a.view(2, 3), torch.zeros(0)]
     _, pickled = pickle_storages(flat, pickle, 2)
-    seen: list[torch.Tensor] = []
-    got = tensor_storages(flat, seen)
-    assert list(got) == list(pickled)
-    assert all(got[k]._cdata == pickled[k]._cdata for k in got)
-    assert seen == flat
+    got = flat_storages(flat)
+    assert list(got.storages) == list(pickled)
+    assert all(got.storages[k]._cdata == pickled[k]._cdata for k in got.storages)
+    # Positional names, each tensor's place in its storage.
+    assert list(got.index) == ["0", "1", "2", "3", "4"]
+    assert got.index["1"] == ("0", torch.float32, (4,), (1,), 2)
+    assert got.index["3"].shape == (2, 3) and got.index["3"].stride == (3, 1)
+    assert got.tracked == {}
 
 
-def test_tensor_storages_refuses_what_torch_save_refuses() -> None:
-    from torchaux.checkpoint.engine.pickler import tensor_storages
+def test_flat_storages_names_and_tracks_as_the_separate_passes_did() -> None:
+    from torchaux.checkpoint.engine import versions
+    from torchaux.checkpoint.engine.pickler import flat_storages, index_tensors
+
+    a, b = torch.arange(6.0), torch.ones(3)
+    flat = [a, a[2:], b, torch.ones(2).to_sparse()._values()]
+    named = {"w": a, "tail": a[2:], "b": b}
+    got = flat_storages(flat, named, track=True)
+    assert got.index == index_tensors(named, got.storages)
+    expected = versions.track(flat, {s._cdata: k for k, s in got.storages.items()})
+    assert {k: [(id(t), v) for t, v in e] for k, e in got.tracked.items()} == {
+        k: [(id(t), v) for t, v in e] for k, e in expected.items()}
+    with pytest.raises(ValueError, match="not part of the object"):
+        flat_storages(flat, {"stray": torch.zeros(1)})
+
+
+def test_flat_storages_refuses_what_torch_save_refuses() -> None:
+    from torchaux.checkpoint.engine.pickler import flat_storages
 
     a = torch.arange(4, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="different types"):
-        tensor_storages([a, a.view(torch.int32)])
+        flat_storages([a, a.view(torch.int32)])
     with pytest.raises(ValueError, match="meta"):
-        tensor_storages([torch.empty(2, device="meta")])
+        flat_storages([torch.empty(2, device="meta")])
 
 
 def test_stage_without_serializing_copies_the_same_bytes() -> None:

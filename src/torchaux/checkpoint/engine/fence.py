@@ -201,6 +201,8 @@ def _needs(root: torch.nn.Module, snapshot: Snapshot) -> dict[int, tuple[torch.n
     local = {}
     for m in root.modules():
         local[id(m)] = (m, snapshot.needs(_forward_mutable(m)))
+    if not any(need[0] or need[1] for _, need in local.values()):
+        return {}  # no forward changes anything staged (e.g. Linear layers only): no entries
     tree: dict[int, tuple[int, bool]] = {}
     stack: list[tuple[torch.nn.Module, bool]] = [(root, False)]
     while stack:  # post-order without recursion (deep models)

@@ -82,6 +82,7 @@ class HostBufferPool:
         if cache_bytes is not None and (not isinstance(cache_bytes, int) or cache_bytes < 0):
             raise ValueError(f"cache_bytes must be an int >= 0 or None, found {cache_bytes!r}")
         self._cache_bytes = cache_bytes
+        self._pinned_any = False  # set by the first pinned allocation (see _key); kept at fork
         self._reset()
 
     def _reset(self) -> None:
@@ -98,6 +99,7 @@ class HostBufferPool:
 
     def _allocate(self, nbytes: int, pinned: bool) -> torch.UntypedStorage:
         if pinned:
+            self._pinned_any = True
             return torch.empty((nbytes,), dtype=torch.uint8, pin_memory=True).untyped_storage()
         if nbytes >= _MMAP_BYTES:
             # Its own anonymous mapping, so evicting it gives the memory back to the
@@ -115,7 +117,9 @@ class HostBufferPool:
         buffers.clear()
 
     def _key(self, buf: torch.UntypedStorage) -> _Key:
-        return (buf.nbytes(), buf.is_pinned())
+        # UntypedStorage.is_pinned builds a tensor to ask (torch/storage.py),
+        # ~4 us a buffer; only a pool that ever allocated pinned memory asks.
+        return (buf.nbytes(), self._pinned_any and buf.is_pinned())
 
     # -- bookkeeping (under self._lock) --------------------------------------------
 

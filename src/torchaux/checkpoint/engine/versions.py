@@ -27,17 +27,27 @@ import torch
 
 from torchaux.errors import TensorChangedError
 
-__all__ = ["TrackedTensor", "track", "changed", "describe"]
+__all__ = ["TrackedTensor", "trackable", "track", "changed", "describe"]
 
 #: ``(tensor, its _version at the call)``
 TrackedTensor = tuple[torch.Tensor, int]
 
 
+def trackable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s version counter guards its data (a dense tensor with a counter).
+
+    Only dense tensors with their own storage are tracked; sparse, nested
+    and wrapper-subclass tensors pickle their data through component
+    tensors, which are tracked themselves; inference tensors have no counter.
+
+    >>> trackable(torch.ones(2)), trackable(torch.ones(2).to_sparse())
+    (True, False)
+    """
+    return not (t.layout is not torch.strided or t.is_nested or t.is_inference() or t.is_meta)
+
+
 def _storage_cdata(t: torch.Tensor) -> int | None:
-    # Only dense tensors with their own storage are tracked; sparse, nested
-    # and wrapper-subclass tensors pickle their data through component
-    # tensors, which reach persistent_id (and this function) themselves.
-    if t.layout is not torch.strided or t.is_nested or t.is_inference() or t.is_meta:
+    if not trackable(t):
         return None
     try:
         return t.untyped_storage()._cdata

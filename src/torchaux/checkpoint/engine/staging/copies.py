@@ -32,6 +32,7 @@ class Record:
     tracked: list[versions.TrackedTensor] | None = None  # version counters at the call
     nbytes: int | None = None  # set when ``staged`` is a placeholder (skip_data)
     crc: int | None = None  # CRC-32 of ``staged``, when computed during the copy (crc_copies)
+    on_device: bool = False  # ``source`` is an accelerator storage (its device, read once at staging)
 
 
 
@@ -98,7 +99,7 @@ def _side_stream(device: torch.device) -> Any:
 def enqueue_device_copies(records: list[Record]) -> list[DeviceCopy]:
     by_device: dict[torch.device, list[Record]] = defaultdict(list)
     for r in records:
-        if r.source is not None and r.source.device.type != "cpu":
+        if r.source is not None and r.on_device:
             by_device[r.source.device].append(r)
     copies = []
     for device, recs in by_device.items():

@@ -165,7 +165,7 @@ def copy_records(records: list[Record], with_crc: bool) -> None:
     """The immediate copies of a snapshot's CPU records; large ones with their CRC-32 when asked."""
     fused: list[Record] = []
     for r in records:
-        if r.source is None or r.source.device.type != "cpu":
+        if r.source is None or r.on_device:
             continue
         if with_crc and fits(r.staged, r.source):
             fused.append(r)
