@@ -26,7 +26,9 @@ import io
 import os
 import pickle
 import struct
+import threading
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -39,6 +41,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader as _DcpStorageReader
 from torch.futures import Future
 
+from torchaux.checkpoint.formats.fill import THREAD_NAME_PREFIX, default_workers
 from torchaux.checkpoint.storage.remote import is_url
 from torchaux.distributed.checksums import checksum as compute_checksum
 from torchaux.distributed.chunks import BufferFile, chunk_tensor, read_into
@@ -133,12 +136,12 @@ class StorageReader(_DcpStorageReader):
         self.storage_data: dict[Any, Any] = {}
         self.extras: dict[str, Any] | None = None
         self._metadata: Metadata | None = None
-        self._scratch = bytearray()
+        self._scratch: dict[int, bytearray] = {}  # thread id -> its buffer
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.storage_data = {}
         self.extras = None
-        self._scratch = bytearray()
+        self._scratch = {}
         if checkpoint_id:
             target = os.fspath(checkpoint_id)
             # A new URL keeps this reader's storage_options; a local path takes none.
@@ -195,16 +198,35 @@ class StorageReader(_DcpStorageReader):
     # -- reading ---------------------------------------------------------------
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """Read every item of ``plan``: one data file per thread (local files), each in offset order.
+
+        A resharded load reads several ranks' files (2 -> 1: two); one
+        thread reading and hashing one file after the other left the second
+        core idle, and the load came out 1.03-1.05x ``dcp.load``'s (``torchaux
+        bench --distributed``, 2026-12-07).  The planner is called under one
+        lock; copies, reads and checksums run unlocked.
+        """
         per_file: dict[str, list[ReadItem]] = defaultdict(list)
         for item in plan.items:
             per_file[self.storage_data[item.storage_index].relative_path].append(item)
-        for relative, items in per_file.items():
-            self._read_file(relative, items, planner)
+        lock = threading.Lock()
+        workers = 1 if self.remote is not None else min(len(per_file), default_workers())
+        if workers <= 1:
+            for relative, items in per_file.items():
+                self._read_file(relative, items, planner, lock)
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix=THREAD_NAME_PREFIX) as pool:
+                futures = [pool.submit(self._read_file, relative, items, planner, lock)
+                           for relative, items in per_file.items()]
+                wait(futures)
+            for f in futures:  # the first failure in file order, after every file is done
+                f.result()
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
 
-    def _read_file(self, relative: str, items: list[ReadItem], planner: LoadPlanner) -> None:
+    def _read_file(self, relative: str, items: list[ReadItem], planner: LoadPlanner,
+                   lock: threading.Lock) -> None:
         if not relative or os.path.basename(relative) != relative or relative in (".", ".."):
             # Data files are plain names inside the checkpoint; a crafted .metadata
             # must not make a load read files elsewhere (``../x``, ``/etc/x``).
@@ -227,23 +249,26 @@ class StorageReader(_DcpStorageReader):
             for item in items:
                 key = (item.storage_index.fqn, tuple(item.storage_index.offset or ()))
                 if key not in cache and item.type != LoadItemType.BYTE_IO and self._read_direct(
-                    f, relative, item, planner
+                    f, relative, item, planner, lock
                 ):
                     continue
                 if key not in cache:
                     cache = {key: self._read_chunk(f, relative, item)}  # keep one decoded chunk
                 value = cache[key]
                 if item.type == LoadItemType.BYTE_IO:
-                    planner.load_bytes(item, io.BytesIO(value))
+                    with lock:
+                        planner.load_bytes(item, io.BytesIO(value))
                 else:
-                    self._commit_tensor(value, item, planner)
+                    self._commit_tensor(value, item, planner, lock)
 
-    def _read_direct(self, f: Any, relative: str, item: ReadItem, planner: LoadPlanner) -> bool:
+    def _read_direct(self, f: Any, relative: str, item: ReadItem, planner: LoadPlanner,
+                     lock: threading.Lock) -> bool:
         """A big plain chunk that fills a contiguous destination: read straight into it."""
         info = self.storage_data[item.storage_index]
         if info.transform_descriptors or info.length < _DIRECT_BYTES or self.remote is not None:
             return False
-        target = planner.resolve_tensor(item).detach()
+        with lock:
+            target = planner.resolve_tensor(item).detach()
         from torch.distributed._shard._utils import narrow_tensor_by_index
 
         dest = narrow_tensor_by_index(target, item.dest_offsets, item.lengths)
@@ -269,15 +294,17 @@ class StorageReader(_DcpStorageReader):
                 f"(chunk at offset {info.offset}, {info.length} bytes): the file is corrupt; "
                 "the destination tensor holds the corrupt bytes"
             )
-        planner.commit_tensor(item, target)
+        with lock:
+            planner.commit_tensor(item, target)
         return True
 
     def _scratch_for(self, n: int) -> memoryview:
-        # One warm buffer per reader for the chunk bytes: a fresh 32 MiB bytes
-        # object per chunk pays its page faults on every read.
-        if len(self._scratch) < n:
-            self._scratch = bytearray(n)
-        return memoryview(self._scratch)[:n]
+        # One warm buffer per reading thread for the chunk bytes: a fresh 32 MiB
+        # bytes object per chunk pays its page faults on every read.
+        mine = self._scratch.get(threading.get_ident(), bytearray())
+        if len(mine) < n:
+            mine = self._scratch[threading.get_ident()] = bytearray(n)
+        return memoryview(mine)[:n]
 
     def _read_chunk(self, f: Any, relative: str, item: ReadItem) -> Any:
         info = self.storage_data[item.storage_index]
@@ -336,15 +363,18 @@ class StorageReader(_DcpStorageReader):
         return out.getbuffer()
 
     @staticmethod
-    def _commit_tensor(tensor: torch.Tensor, item: ReadItem, planner: LoadPlanner) -> None:
+    def _commit_tensor(tensor: torch.Tensor, item: ReadItem, planner: LoadPlanner,
+                       lock: threading.Lock) -> None:
         from torch.distributed._shard._utils import narrow_tensor_by_index
 
         piece = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
-        target = planner.resolve_tensor(item).detach()
+        with lock:
+            target = planner.resolve_tensor(item).detach()
         if target.size() != piece.size():
             raise IntegrityError(
                 f"chunk of {item.storage_index.fqn!r} has shape {tuple(piece.size())}, the "
                 f"destination expects {tuple(target.size())}: the metadata does not match the data"
             )
         target.copy_(piece)
-        planner.commit_tensor(item, target)
+        with lock:
+            planner.commit_tensor(item, target)
