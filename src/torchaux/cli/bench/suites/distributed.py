@@ -13,6 +13,11 @@ a thread; the loop waits for ``staging_completion`` before the optimizer
 step, as DCP asks); ``torchaux.distributed.save_async``; and
 ``dcp.async_save`` with torchaux's ``StorageWriter`` and ``Stager``.
 
+By default 48 steps with a save every 3, so 8 timed saves per method: with
+4 (24 steps) the stall ratio of two runs of the same code swung between
+0.26 and 0.60 with the DCP side's single slow saves; with 8 it was 0.185-0.208
+(docs/benchmarks.md section 18).
+
 Per method, the largest value over the ranks of:
 
 * stall per save: seconds the training thread spends in the save call, plus
@@ -133,7 +138,7 @@ def _summarise(ranks: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_distributed(*, nproc: int = 2, size_mib: int = 256, steps: int = 24, every: int = 3,
+def run_distributed(*, nproc: int = 2, size_mib: int = 256, steps: int = 48, every: int = 3,
                     root: str | None = None, repeats: int = 3,
                     malloc_mmap_threshold: int | None = None, device: str = "cpu",
                     log: Any = lambda _m: None) -> dict[str, Any]:
@@ -260,7 +265,7 @@ def main(args: Any) -> int:
     nproc = getattr(args, "nproc", None) or int(os.environ.get("TORCHAUX_BENCH_NPROC", default))
     log = (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)) if args.verbose else (
         lambda _m: None)
-    r = run_distributed(nproc=nproc, size_mib=args.size_mib or 256, steps=args.steps or 24,
+    r = run_distributed(nproc=nproc, size_mib=args.size_mib or 256, steps=args.steps or 48,
                         every=args.every or 3, root=args.dir,
                         malloc_mmap_threshold=getattr(args, "malloc_mmap_threshold", None),
                         device=device, log=log)
