@@ -39,7 +39,7 @@ from torchaux.checkpoint.engine.handle import SaveHandle, deadlock_error, servin
 from torchaux.checkpoint.engine.lifecycle import writer_loop
 from torchaux.checkpoint.engine.pool import HostBufferPool
 from torchaux.checkpoint.engine.staging import Snapshot
-from torchaux.checkpoint.engine.staging.snapshot import buffer_requests
+from torchaux.checkpoint.engine.staging.capture import buffer_requests
 from torchaux.checkpoint.storage.commit import atomic_write
 from torchaux.errors import SaveClosedError
 
