@@ -219,6 +219,9 @@ class StorageReader(_DcpStorageReader):
                 futures = [pool.submit(self._read_file, relative, items, planner, lock)
                            for relative, items in per_file.items()]
                 wait(futures)
+            # The pool's threads are gone: their scratch buffers go too (a long-lived
+            # reader must not keep one per thread that ever read for it).
+            self._scratch = {k: v for k, v in self._scratch.items() if k == threading.get_ident()}
             for f in futures:  # the first failure in file order, after every file is done
                 f.result()
         fut: Future[None] = Future()

@@ -55,10 +55,6 @@ def _collect(obj: Any, tensors: list[torch.Tensor], path: Any) -> Any:
     kind = type(obj)
     if kind is dict:
         return {k: _collect(v, tensors, (path, k)) for k, v in obj.items()}
-    if kind is DTensor:
-        local = obj._local_tensor
-        tensors.append(local.detach() if local.requires_grad else local)
-        return _TensorSlot(len(tensors) - 1, obj._spec)
     if kind in _ATOMIC:
         return obj
     if isinstance(obj, DTensor):

@@ -200,7 +200,8 @@ def flat_storages(
         if index is None:
             locations[str(i)] = TensorLocation(key, t.dtype, tuple(t.shape), tuple(t.stride()),
                                                t.storage_offset())
-        key_by_id[id(t)] = key
+        if index is not None:
+            key_by_id[id(t)] = key
         if track and trackable(t):
             tracked.setdefault(key, []).append((t, t._version))
     for name, t in (index or {}).items():

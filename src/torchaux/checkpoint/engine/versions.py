@@ -43,7 +43,7 @@ def trackable(t: torch.Tensor) -> bool:
     >>> trackable(torch.ones(2)), trackable(torch.ones(2).to_sparse())
     (True, False)
     """
-    return not (t.layout is not torch.strided or t.is_nested or t.is_inference() or t.is_meta)
+    return t.layout is torch.strided and not (t.is_nested or t.is_inference() or t.is_meta)
 
 
 def _storage_cdata(t: torch.Tensor) -> int | None:
