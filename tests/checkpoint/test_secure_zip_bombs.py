@@ -93,14 +93,28 @@ def _central_entries(data: bytes) -> list[int]:
     return found
 
 
-def test_local_header_that_says_deflated_is_refused(tmp_path: Path) -> None:
-    """The directory says stored, a local header says deflated: refused, whichever a reader trusts."""
+@pytest.mark.parametrize("mmap", [False, True], ids=["read", "mapped"])
+def test_local_header_that_says_deflated_is_refused(tmp_path: Path, mmap: bool) -> None:
+    """The directory says stored, a local header says deflated: refused, whichever a reader trusts.
+
+    ``mmap=True`` parses the local headers in place in the mapping (another
+    code path than the reads of an unmapped load).
+    """
     data = bytearray(_good(tmp_path, crc_check=False))
-    info = zipfile.ZipFile(io.BytesIO(bytes(data))).infolist()[0]
+    info = zipfile.ZipFile(io.BytesIO(bytes(data))).infolist()[-1]
     struct.pack_into("<H", data, info.header_offset + 8, 8)
     path = _write(tmp_path, bytes(data))
     with pytest.raises(IntegrityError, match=r"local header .* compressed \(method 8\)"):
-        torchaux.load_checkpoint(path)
+        torchaux.load(path, mmap=mmap)
+
+
+@pytest.mark.parametrize("mmap", [False, True], ids=["read", "mapped"])
+def test_directory_pointing_at_no_local_header_is_refused(tmp_path: Path, mmap: bool) -> None:
+    data = bytearray(_good(tmp_path, crc_check=False))
+    entry = _central_entries(bytes(data))[1]
+    struct.pack_into("<I", data, entry + 42, 1)  # header offset: one byte into the first header
+    with pytest.raises(IntegrityError, match="not a local header"):
+        torchaux.load(_write(tmp_path, bytes(data)), mmap=mmap)
 
 
 def test_sizes_that_disagree_are_refused(tmp_path: Path) -> None:

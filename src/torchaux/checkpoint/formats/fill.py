@@ -187,6 +187,11 @@ class BufferSource:
         self._data = memoryview(data).cast("B")
         self.name, self.size = name, len(self._data)
 
+    @property
+    def view(self) -> memoryview:
+        """The bytes in place, read-only (parsing a mapped file's headers copies nothing)."""
+        return self._data.toreadonly()
+
     def read(self, offset: int, n: int) -> bytes:
         """Exactly ``n`` bytes from ``offset``."""
         if offset < 0 or offset + n > self.size:

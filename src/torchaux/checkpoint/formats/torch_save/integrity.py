@@ -118,8 +118,11 @@ def check_members(
             return _LOCAL.unpack_from(view, at)
     else:
         source, size = data, data.seek(0, 2)
+        in_place = getattr(data, "in_place", None)  # the archive's bytes in place (a mapping)
 
         def local(at: int) -> tuple[int, ...]:
+            if in_place is not None:  # a seek and a read per member cost ~4 us: 0.5 ms a load
+                return _LOCAL.unpack_from(in_place, at)
             data.seek(at)
             return _LOCAL.unpack(data.read(_LOCAL.size))
     with _open(source, path) as z:  # parses the central directory only

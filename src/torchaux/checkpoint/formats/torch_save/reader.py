@@ -86,6 +86,8 @@ class _HeaderFile(SourceFile):
     def __init__(self, source: Source) -> None:
         super().__init__(source)
         self._peek = getattr(source, "peek", source.read)
+        # Bytes in memory (a mapping): local headers are unpacked in place.
+        self.in_place: memoryview | None = getattr(source, "view", None)
 
     def readinto(self, buffer: Any) -> int:
         """As :meth:`SourceFile.readinto`; 30-byte reads (local headers) are peeks."""

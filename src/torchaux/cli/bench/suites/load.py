@@ -17,7 +17,14 @@ file is untouched by it:
   the safetensors file with ``mmap``.
 
 Page cache cold (the file ``fsync``-ed, then ``posix_fadvise(DONTNEED)``) and
-warm (the file read once before).  Rounds interleave the methods, so machine
+warm (dropped the same way, then read once sequentially with 8 MiB ``read`` calls
+before the load).  Warm starts from a drop because the page cache's folio sizes
+depend on who read the file in first, and a memory-mapped load pays for them:
+on this VM (Linux 6.18, ext4, THP ``madvise``), a 256 MiB file paged in by
+sequential ``read`` calls sits in 2 MiB folios that a mapping takes in ~780
+faults (5.5 ms), while the same file paged in by a mapping that first touched
+one page per zip member sits in 4 KiB folios, ~4300 faults (20 ms).  Without
+the drop, each file's warm state was whatever the previous method left.  Rounds interleave the methods, so machine
 noise hits all of them alike; the table shows medians and ratios against
 ``torch.load`` of the same run, and the peak resident memory a load added
 (sampled every 2 ms, :class:`~torchaux.cli.bench.measure.RssSampler`).
@@ -161,6 +168,7 @@ def _drop_cache(path: str) -> None:
 
 
 def _warm(path: str) -> None:
+    _drop_cache(path)  # the same page-cache state for every method (module docstring)
     with open(path, "rb", buffering=0) as f:
         while f.read(8 * _MIB):
             pass
