@@ -201,6 +201,7 @@ def _bench(args: argparse.Namespace) -> int:
         else (SECURE_DEFAULT_METHODS if args.secure else tuple(METHODS)),
         seed=args.seed,
         writer_probe=args.secure,
+        prepare=args.prepare,
     )
     log = (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)) if args.verbose else (
         lambda _m: None
@@ -285,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--method", action="append", choices=[*METHODS, *SECURE_METHODS],
                        help="run only this method (repeatable)")
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--prepare", action="store_true",
+                       help="torchaux methods call saver.prepare(state) before the timed loop "
+                            "(the README's advice for a cheap first save)")
     bench.add_argument("--json", help="also write results as JSON to this path")
     bench.add_argument("--plot", help="also write a PNG bar chart to this path")
     bench.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")

@@ -642,3 +642,16 @@ def test_prepare_makes_the_first_save_use_warm_buffers(tmp_path: pathlib.Path, m
         assert_identical(load(str(tmp_path / "a.pt")), state)
     finally:
         saver.close()
+
+
+def test_prepare_starts_the_writer_and_refuses_a_closed_saver() -> None:
+    """The first save after prepare starts no thread; a closed saver is not silently warmed."""
+    saver = AsyncSaver(name="prepared-writer")
+    try:
+        assert not any(t.name == "prepared-writer" for t in threading.enumerate())
+        saver.prepare({"w": torch.zeros(8)})
+        assert any(t.name == "prepared-writer" and t.is_alive() for t in threading.enumerate())
+    finally:
+        saver.close()
+    with pytest.raises(SaveClosedError, match="closed"):
+        saver.prepare({"w": torch.zeros(8)})

@@ -68,3 +68,40 @@ def test_background_cpu_is_reported_per_gib(results: dict) -> None:
     for r in results["methods"]:
         assert r["background_cpu_s_per_gib"] is not None and r["background_cpu_s_per_gib"] > 0
     assert "bg CPU/GiB" in format_table(results)
+
+
+
+def test_prepare_warms_torchaux_pools_before_the_loop(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--prepare``: the method's saver is warmed for the training state, so a save allocates nothing."""
+    from torchaux.checkpoint.engine.pool import HostBufferPool
+    from torchaux.cli.bench.methods import METHODS
+    from torchaux.cli.bench.run import _reference, _template, run_one
+
+    allocated: list[int] = []
+    real = HostBufferPool._allocate
+
+    def counting(self: HostBufferPool, nbytes: int, pinned: bool) -> object:
+        allocated.append(nbytes)
+        return real(self, nbytes, pinned)
+
+    monkeypatch.setattr(HostBufferPool, "_allocate", counting)
+    cfg = BenchConfig(size_mib=2, steps=4, every=2, batch=4, directory=str(tmp_path),
+                      methods=("torchaux.save_async",), prepare=True)
+    (tmp_path / "m").mkdir()
+    method = METHODS["torchaux.save_async"](str(tmp_path / "m"))
+    try:
+        method.prepare(_template(cfg))
+        warmed = len(allocated)
+        method.save(1, _template(cfg), None)  # type: ignore[arg-type]
+        method.finish()
+    finally:
+        method.close()
+    assert warmed > 0 and len(allocated) == warmed  # the save took only prepared buffers
+    monkeypatch.undo()
+    import torch
+
+    result = run_one(cfg, "torchaux.save_async", str(tmp_path / "run"),
+                     _reference(cfg, torch.device("cpu")))
+    assert result["saves"] == 2 and result["stall_first_s"] > 0 and result["all_consistent"]

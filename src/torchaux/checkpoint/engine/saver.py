@@ -270,7 +270,8 @@ class AsyncSaver:
         then copies into warm memory, as every later one does, instead of
         paying the page faults of fresh memory on the training thread
         (docs/benchmarks.md §8).  The pool keeps the buffers while sizes stay
-        the same.
+        the same.  The writer thread is started here too, so the first save
+        does not start it (0.3 ms here).
 
         >>> import torch
         >>> saver = AsyncSaver()
@@ -278,7 +279,11 @@ class AsyncSaver:
         1048576
         >>> saver.close()
         """
-        return self._pool.warm(buffer_requests(obj))
+        if self._closed:
+            raise SaveClosedError("this AsyncSaver is closed; prepare a new one before training")
+        warmed = self._pool.warm(buffer_requests(obj))
+        self._start_writer()
+        return warmed
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for every pending save; raise the first failure nobody observed.

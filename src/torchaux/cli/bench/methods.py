@@ -49,6 +49,9 @@ class Method:
     def save(self, step: int, state: dict[str, Any], model: torch.nn.Module) -> None:
         raise NotImplementedError
 
+    def prepare(self, state: dict[str, Any]) -> None:
+        """Warm up for saves of states shaped like ``state`` (``--prepare``); most methods: nothing."""
+
     def after_save(self) -> None:
         """Work the runner does after the stall timer stops (torch.save's fsync)."""
 
@@ -164,6 +167,10 @@ class TorchauxSaveAsync(Method):
         super().__init__(directory)
         self.saver = AsyncSaver(name="bench-writer")
         self.handles: list[Any] = []
+
+    def prepare(self, state: dict[str, Any]) -> None:
+        """``saver.prepare``: the pool's buffers allocated and faulted in before training."""
+        self.saver.prepare(state)
 
     def _record(self, step: int, handle: Any, start: float) -> None:
         handle.committed.add_done_callback(

@@ -45,6 +45,7 @@ def format_table(results: dict[str, Any]) -> str:
         f"state {results['state_mib']:.0f} MiB on {results['device']}, {cfg['steps']} steps, "
         f"a save every {cfg['every']} steps, baseline loop {results['baseline_loop_s']:.2f}s "
         f"(torch {results['torch_version']}, {results['cpu_count']} CPUs)"
+        + ("; torchaux pools prepared (saver.prepare) before the loop" if cfg.get("prepare") else "")
     )
     notes = (
         "stall: training thread blocked per save (steady state = median after the first);\n"

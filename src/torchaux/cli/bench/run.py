@@ -4,7 +4,8 @@ One process trains the same deterministic model once per method (same seed,
 same synthetic batches), saving every ``every`` steps.  Per method it reports:
 
 * stall per save: time the training thread is blocked (inside the save call,
-  waiting for back-pressure, or in ``model=`` fences); first save separately,
+  waiting for back-pressure, or in ``model=`` fences, a save's fence waits
+  being those of the steps until the next save); first save separately,
   steady state as the median of the others;
 * loop overhead per save: extra wall time of the whole loop against the mean
   of two loops without saves run just before and just after it in the same
@@ -60,6 +61,8 @@ class BenchConfig:
     seed: int = 0
     #: also run the writer-only throughput probe of the secure modes
     writer_probe: bool = False
+    #: torchaux methods warm their pool with saver.prepare before the timed loop
+    prepare: bool = False
 
     def __post_init__(self) -> None:
         if self.size_mib < 1:
@@ -155,12 +158,16 @@ def run_one(cfg: BenchConfig, name: str | None, root: str,
         os.makedirs(directory, exist_ok=True)
         method = {**METHODS, **SECURE_METHODS}[name](directory)
     stalls: list[float] = []
+    fenced: list[float] = []  # fence_blocked_seconds() after each save call
 
     def on_save(step: int, state: dict[str, Any], model: torch.nn.Module) -> None:
         assert method is not None
+        if fenced:  # the fence waits since the previous save belong to it
+            fenced[-1] = fence_blocked_seconds() - fenced[-1]
         start = time.perf_counter()
         method.save(step, state, model)
         stalls.append(time.perf_counter() - start)
+        fenced.append(fence_blocked_seconds())
         method.after_save()
 
     paired: list[float] = []
@@ -173,6 +180,8 @@ def run_one(cfg: BenchConfig, name: str | None, root: str,
         # up to 30% slower here; every timed loop then starts from the latter.
         _train(dataclasses.replace(cfg, steps=2, every=2), device, None)
         paired.append(_train(cfg, device, None)[0])
+        if cfg.prepare:
+            method.prepare(_template(cfg, device))
     fences_before = fence_blocked_seconds()
     cpu_before = background_cpu_seconds()
     with RssSampler() as rss:
@@ -181,6 +190,8 @@ def run_one(cfg: BenchConfig, name: str | None, root: str,
         )
         if method is not None:
             method.finish()
+            if fenced:
+                fenced[-1] = fence_blocked_seconds() - fenced[-1]
     result: dict[str, Any] = {
         "method": name,
         "loop_s": loop_s,
@@ -196,8 +207,9 @@ def run_one(cfg: BenchConfig, name: str | None, root: str,
     exact_at_call = _probe_immediate_step(cfg, method, model, optimizer)
     method.close()
     saves = len(stalls)
-    # Fence waits happen inside the following training steps; spread them evenly.
-    stalls = [s + fence_s / saves for s in stalls]
+    # A save's fence waits happen in the training steps after it (until the
+    # next save): each save is charged its own, so a slow first save shows.
+    stalls = [s + f for s, f in zip(stalls, fenced)]
     consistent = [
         fingerprint(method.load(step, lambda: _template(cfg))) == reference[step]
         for step in sorted(method.paths) if step in reference
@@ -257,9 +269,9 @@ def _in_child(cfg: BenchConfig, name: str | None, root: str,
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def _template(cfg: BenchConfig) -> dict[str, Any]:
-    """A CPU state with the right structure (DCP loads in place into one)."""
-    model, optimizer = _build(cfg, torch.device("cpu"))
+def _template(cfg: BenchConfig, device: torch.device | None = None) -> dict[str, Any]:
+    """A state with the right structure (DCP loads in place into one), on the CPU by default."""
+    model, optimizer = _build(cfg, device or torch.device("cpu"))
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()  # creates the Adam moments DCP will overwrite

@@ -14,6 +14,7 @@ alignment 4096 (:func:`_alignment`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -25,6 +26,12 @@ from torch.serialization import get_crc32_options
 from torchaux.checkpoint.formats.torch_save import integrity
 from torchaux.checkpoint.formats.torch_save.container import TorchZipWriter, storage_view
 from torchaux.checkpoint.engine.staging import Snapshot
+
+# torch.serialization imports this on its first save (it installs a config
+# module: 1-3 ms here); importing it with torchaux keeps that off a
+# training run's first save_async call.  torch < 2.6 has no such module.
+with contextlib.suppress(ImportError):
+    import torch.utils.serialization.config  # noqa: F401
 
 __all__ = [
     "write_torch_save", "archive_name_for", "capture_options", "TorchSaveOptions",
