@@ -160,6 +160,8 @@ def read_safetensors_entries(
                 targets.append(Target(begin, storage_view(storage)))
         storages.append(storage)
     fill(source, targets)
+    if mapped is not None:
+        _touch_starts(storages)
     tensors = {
         tensor_name: torch.empty(0, dtype=dtype).set_(storage).view(dtype).view(shape)
         if storage.nbytes() else torch.empty(shape, dtype=dtype)
@@ -175,6 +177,21 @@ def read_safetensors_entries(
     if restore is not None:
         out = {k: _moved(v, restore) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
     return out, verified
+
+
+def _touch_starts(storages: list[torch.UntypedStorage]) -> None:
+    """Read the first byte of each mapped tensor (a page fault each, not a copy).
+
+    Each fault makes the kernel read the window around it (mmap read-around),
+    as torch's and our zip readers do with the member headers.  Without it, a
+    cold safetensors mapping was paged in by the user's first touches alone,
+    which on this VM (Linux 6.18, ext4) was bimodal: 90-120 ms or 340-500 ms
+    for 256 MiB against safetensors.load_file's steady 230-280 ms
+    (docs/benchmarks.md section 19).
+    """
+    for storage in storages:
+        if storage.nbytes():
+            storage[0]
 
 
 def _moved(tensor: torch.Tensor, restore: Any) -> torch.Tensor:
