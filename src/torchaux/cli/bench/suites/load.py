@@ -24,8 +24,9 @@ on this VM (Linux 6.18, ext4, THP ``madvise``), a 256 MiB file paged in by
 sequential ``read`` calls sits in 2 MiB folios that a mapping takes in ~780
 faults (5.5 ms), while the same file paged in by a mapping that first touched
 one page per zip member sits in 4 KiB folios, ~4300 faults (20 ms).  Without
-the drop, each file's warm state was whatever the previous method left.  Rounds interleave the methods, so machine
-noise hits all of them alike; the table shows medians and ratios against
+the drop, each file's warm state was whatever the previous method left.
+Rounds interleave the methods, so machine noise hits all of them alike; the
+table shows medians and ratios against
 ``torch.load`` of the same run, and the peak resident memory a load added
 (sampled every 2 ms, :class:`~torchaux.cli.bench.measure.RssSampler`).
 """
