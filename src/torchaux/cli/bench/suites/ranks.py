@@ -226,16 +226,18 @@ def _loop(model: nn.Module, opt: torch.optim.Optimizer, init: list[torch.Tensor]
         if window >= len(windows):
             break
         start = time.perf_counter()
+        blocked = fence_blocked_seconds()
         _forward_backward(model, width, rank, step + 1, device)
         if saves is not None:
             saves.fence()
-        blocked = fence_blocked_seconds()
         opt.step()
-        if saves is not None and saves.stalls:  # torchaux's optimizer fence copying what is left
-            saves.stalls[-1] += fence_blocked_seconds() - blocked
         opt.zero_grad()
         if device == "cuda":  # the step's kernels (not side-stream copies), as loss.item() would
             torch.cuda.current_stream().synchronize()
+        if saves is not None and saves.stalls:
+            # torchaux's model= fences wherever they wait (forward, gradient
+            # hooks, the optimizer step): each wait is the last save's stall.
+            saves.stalls[-1] += fence_blocked_seconds() - blocked
         if step % every == 0 and window % 2 == 0:
             if saves is not None:
                 state = _state(model, opt)
